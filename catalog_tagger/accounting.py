@@ -1,0 +1,127 @@
+"""Accelerator-hours: measured cost of the multi-head run vs calibrated cost of n single-task models."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from catalog_tagger.inference import autocast
+from catalog_tagger.model import MultiHeadModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRICE_PER_HOUR = 2.50  # USD per accelerator-hour: roughly an on-demand cloud A10G/L4-class GPU in 2026
+CALIBRATION_REPEATS = 5
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def calibrate_single_task(model: MultiHeadModel, images: np.ndarray, repeats: int = CALIBRATION_REPEATS) -> dict[str, float]:
+    """Time, on the same batch and device, the multi-head model vs a single-task model of the same architecture.
+
+    A single-task model is the backbone plus one head (the first task's), with the same input preparation.
+    Runs alternate so machine noise hits both alike; the ratio of medians is returned.
+    """
+    device = model.mean.device
+    x_np = torch.from_numpy(np.ascontiguousarray(images))
+    first = next(iter(model.heads))
+
+    def multi() -> None:
+        with torch.inference_mode(), autocast(device):
+            out = model(model.prepare(x_np))
+            for v in out.logits.values():
+                v.float().cpu()
+            out.embedding.float().cpu()
+
+    def single() -> None:
+        with torch.inference_mode(), autocast(device):
+            emb = model.forward_features(model.prepare(x_np))
+            model.forward_head(emb, first).float().cpu()
+
+    multi()
+    single()  # warm-up (allocator, cudnn autotune)
+    tm, ts = [], []
+    for _ in range(repeats):
+        tm.append(_time(multi, device))
+        ts.append(_time(single, device))
+    m, s = statistics.median(tm), statistics.median(ts)
+    ratio = s / m if m > 0 else 1.0
+    log.info("calibration on %s: multi-head %.4fs, single-task %.4fs per batch of %d", device, m, s, len(images))
+    return {"multi_s": m, "single_s": s, "single_over_multi": ratio, "batch": float(len(images))}
+
+
+@dataclass
+class Savings:
+    """The savings report of one run (in the manifest, on the console, in the HTML report)."""
+
+    images: int  # images the model ran on (ok rows)
+    tasks: int
+    device: str
+    multi_head_accel_s: float  # measured busy time of the multi-head model
+    single_task_accel_s: float  # what n single-task models would need (see ``method``)
+    accel_hours_saved: float
+    fraction_saved: float
+    price_per_hour: float
+    cost_saved: float
+    decode_cpu_s: float  # measured CPU time of read + decode in this run
+    decode_cpu_s_saved: float  # n pipelines decode n times: (n - 1) x decode_cpu_s
+    method: str  # "calibrated" | "baseline-artifacts"
+
+    @property
+    def multi_head_accel_hours(self) -> float:
+        return self.multi_head_accel_s / 3600.0
+
+    @property
+    def single_task_accel_hours(self) -> float:
+        return self.single_task_accel_s / 3600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["multi_head_accel_hours"] = self.multi_head_accel_hours
+        d["single_task_accel_hours"] = self.single_task_accel_hours
+        return d
+
+
+def compute_savings(
+    *,
+    images: int,
+    tasks: int,
+    device: str,
+    multi_s: float,
+    single_s: float,
+    decode_s: float,
+    price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
+    method: str = "calibrated",
+) -> Savings:
+    saved_s = max(single_s - multi_s, 0.0) if single_s > 0 else 0.0
+    return Savings(
+        images=images,
+        tasks=tasks,
+        device=device,
+        multi_head_accel_s=multi_s,
+        single_task_accel_s=single_s,
+        accel_hours_saved=saved_s / 3600.0,
+        fraction_saved=(saved_s / single_s) if single_s > 0 else 0.0,
+        price_per_hour=price_per_hour,
+        cost_saved=saved_s / 3600.0 * price_per_hour,
+        decode_cpu_s=decode_s,
+        decode_cpu_s_saved=decode_s * max(tasks - 1, 0),
+        method=method,
+    )

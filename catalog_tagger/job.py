@@ -1,0 +1,415 @@
+"""The tagging job: list -> diff vs committed runs -> Ray Data decode + predict -> staged shards -> commit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from catalog_tagger import ledger
+from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR, compute_savings
+from catalog_tagger.errors import ArtifactError, UserError
+from catalog_tagger.incremental import plan_work
+from catalog_tagger.ledger import Layout
+from catalog_tagger.model import load_card
+from catalog_tagger.predictor import ACCEL_COL, CALIB_COL, DECODE_COL, STATUS_UNCHANGED, DecodeStage, Predictor
+from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
+from catalog_tagger.sources import list_source
+from catalog_tagger.storage import filesystem, strip
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+class TagJobConfig(BaseModel):
+    """Everything one tagging run needs. Validated before any work starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # model artifact directory (path or fsspec URL)
+    source: str  # image prefix, or a .csv/.parquet manifest with a `uri` column
+    output: str  # output root (path or fsspec URL)
+    run_id: str | None = None  # default: UTC timestamp + random suffix; reuse an id to resume a crashed run
+    ray_address: str | None = None  # None/"local": in-process Ray; "auto" or "ray://host:10001": connect
+    batch_size: int = Field(default=64, ge=1, le=4096)  # images per model forward pass
+    actors: int | None = Field(default=None, ge=1)  # predictor actors (default: one per GPU, else 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    full: bool = False  # re-tag everything, not only new/changed images
+    limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
+    rows_per_shard: int = Field(default=20_000, ge=1)  # rows per part file = unit of resume
+    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)
+    calibrate: bool = True  # time a single-task model at actor start for the savings report
+    storage_options: dict[str, Any] | None = None  # fsspec options for source and output (never logged)
+    decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_safe(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/\\ =") or v.startswith((".", "_"))):
+            raise ValueError(f"run_id {v!r} must be non-empty, without '/', '\\\\', '=', spaces, or a leading '.'/'_'")
+        return v
+
+
+@dataclass
+class RunResult:
+    """What a run did; ``manifest`` is the committed run manifest (None when nothing was committed)."""
+
+    run_id: str
+    listed: int
+    processed: int
+    ok: int
+    error: int
+    unchanged: int
+    wall_s: float
+    manifest: dict[str, Any] | None
+    output: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _check_output_writable(cfg: TagJobConfig) -> None:
+    fs = filesystem(cfg.output, cfg.storage_options)
+    root = strip(cfg.output)
+    probe = f"{root.rstrip('/')}/_staging/.write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(os.path.dirname(probe), exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot write there"
+        raise UserError(f"output {cfg.output!r} is not writable: {type(err).__name__}: {err}") from None
+
+
+def validate(cfg: TagJobConfig) -> None:
+    """Refuse bad input before any work: model artifact, output writability (the source is checked by listing)."""
+    try:
+        load_card(cfg.model)
+    except ArtifactError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"model {cfg.model!r} not found") from None
+    _check_output_writable(cfg)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster, or start the embedded local Ray sized to this machine (reused when running)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address in (None, "", "local"):
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError) as err:
+            raise ConnectionError(f"cannot connect to Ray at {address!r}: {err}") from err
+
+
+def _plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0)) if cfg.device != "cpu" else 0
+    cpus = max(1.0, float(res.get("CPU", 1)))
+    if cfg.device == "cuda" and gpus == 0:
+        raise UserError("--device cuda was requested but the Ray cluster has no GPUs")
+    if gpus:
+        actors = cfg.actors or gpus
+        return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": cfg.decode_cpus or 1}
+    actors = cfg.actors or 1
+    # On CPU the actors' torch threads and the decode tasks share the cores; give the model most of them.
+    per_actor = max(1, int(cpus // actors) - (1 if cpus >= 4 else 0))
+    return {
+        "actors": actors,
+        "num_gpus": 0,
+        "num_cpus": min(per_actor, cpus) if cpus > 1 else 0.5,
+        "threads": per_actor,
+        "decode_cpus": cfg.decode_cpus or (0.5 if cpus <= 2 else 1),
+    }
+
+
+def _build_dataset(cfg: TagJobConfig, work: pa.Table, model_version: str, image_size: int, run_id: str, tagged_at):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    plan = _plan_resources(cfg)
+    block_rows = max(1, min(cfg.batch_size, math.ceil(work.num_rows / 4)))
+    ds = ray.data.from_arrow(work).repartition(max(1, math.ceil(work.num_rows / block_rows)))
+    ds = ds.map_batches(
+        DecodeStage(image_size=image_size, storage_options=cfg.storage_options),
+        batch_format="pyarrow",
+        batch_size=block_rows,
+        num_cpus=plan["decode_cpus"],
+        zero_copy_batch=True,
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_uri": cfg.model,
+            "run_id": run_id,
+            "tagged_at": tagged_at,
+            "device": "cuda" if plan["num_gpus"] else "cpu",
+            "storage_options": cfg.storage_options,
+            "calibrate": cfg.calibrate,
+            "threads": plan["threads"],
+        },
+        batch_format="numpy",
+        batch_size=cfg.batch_size,
+        concurrency=plan["actors"],
+        num_gpus=plan["num_gpus"],
+        num_cpus=plan["num_cpus"],
+        zero_copy_batch=True,
+    )
+    return ds, plan
+
+
+class _ShardWriter:
+    """Driver-side sink: dedups rows by uri (Ray is at-least-once) and stages a part file every N rows."""
+
+    def __init__(self, layout: Layout, run_id: str, rows_per_shard: int, seen: set[str], next_index: int) -> None:
+        self.layout, self.run_id, self.rows_per_shard = layout, run_id, rows_per_shard
+        self.seen = seen
+        self.index = next_index
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.shards: list[ledger.Shard] = []
+        self.totals = {"ok": 0, "error": 0, "unchanged": 0, "duplicates": 0, "accel_s": 0.0, "decode_s": 0.0, "single_s": 0.0}
+
+    def add(self, table: pa.Table) -> int:
+        uris = table.column("uri").to_pylist()
+        keep = [i for i, u in enumerate(uris) if u not in self.seen]
+        self.totals["duplicates"] += len(uris) - len(keep)
+        if len(keep) != len(uris):
+            table = table.take(pa.array(keep, type=pa.int64()))
+        # A batch repeated by a retry appears once: remember uris only after dedup within the batch too.
+        new_uris = table.column("uri").to_pylist()
+        if len(set(new_uris)) != len(new_uris):
+            first: dict[str, int] = {}
+            for i, u in enumerate(new_uris):
+                first.setdefault(u, i)
+            self.totals["duplicates"] += len(new_uris) - len(first)
+            table = table.take(pa.array(sorted(first.values()), type=pa.int64()))
+        self.seen.update(table.column("uri").to_pylist())
+        self.totals["accel_s"] += pc.sum(table.column(ACCEL_COL)).as_py() or 0.0
+        self.totals["single_s"] += pc.sum(table.column(CALIB_COL)).as_py() or 0.0
+        self.totals["decode_s"] += pc.sum(table.column(DECODE_COL)).as_py() or 0.0
+        status = table.column("status")
+        unchanged = pc.equal(status, STATUS_UNCHANGED)
+        self.totals["unchanged"] += pc.sum(unchanged).as_py() or 0
+        table = table.filter(pc.invert(unchanged))
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rows_per_shard:
+            self.flush()
+        return table.num_rows
+
+    def flush(self) -> None:
+        if not self.pending_rows:
+            self.pending, self.pending_rows = [], 0
+            return
+        table = pa.concat_tables(self.pending).drop_columns([ACCEL_COL, CALIB_COL, DECODE_COL])
+        stats = _table_stats(table)
+        shard = ledger.write_shard(self.layout, self.run_id, self.index, table, stats)
+        self.shards.append(shard)
+        self.totals["ok"] += stats["ok"]
+        self.totals["error"] += stats["error"]
+        self.index += 1
+        self.pending, self.pending_rows = [], 0
+
+
+def _table_stats(table: pa.Table) -> dict[str, Any]:
+    status = table.column("status")
+    return {
+        "ok": int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0),
+        "error": int(pc.sum(pc.equal(status, STATUS_ERROR)).as_py() or 0),
+    }
+
+
+def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
+    """Tag a catalog and commit the run. Safe to rerun with the same ``run_id`` after a crash (resumes)."""
+    t_start = time.perf_counter()
+    validate(cfg)
+    card = load_card(cfg.model)
+    layout = Layout(cfg.output, cfg.storage_options)
+    run_id = cfg.run_id or new_run_id()
+
+    existing = ledger.read_json(layout.manifest(run_id), cfg.storage_options)
+    if existing is not None:
+        log.info("run %s is already committed; nothing to do", run_id)
+        return _result_from_manifest(existing, cfg.output, time.perf_counter() - t_start)
+    if ledger.pending_commit(layout, run_id):
+        log.info("run %s: finishing an interrupted commit", run_id)
+        manifest = ledger.finish_commit(layout, run_id)
+        return _result_from_manifest(manifest, cfg.output, time.perf_counter() - t_start)
+
+    state_uri = ledger.join(layout.staging(run_id), "_run.json")
+    state = ledger.read_json(state_uri, cfg.storage_options)
+    if state is not None and state.get("model_version") != card.version:
+        raise UserError(
+            f"run {run_id} was started with model {state.get('model_version')}, not {card.version}: use a new run id"
+        )
+    if state is None:
+        now = datetime.now(UTC)
+        state = {
+            "run_id": run_id,
+            "run_date": now.strftime("%Y-%m-%d"),
+            "started_at": now.isoformat(timespec="seconds"),
+            "model_version": card.version,
+            "source": cfg.source,
+        }
+        ledger.write_json(state_uri, state, cfg.storage_options)
+    tagged_at = datetime.fromisoformat(state["started_at"])
+
+    t0 = time.perf_counter()
+    listing = list_source(cfg.source, cfg.storage_options, limit=cfg.limit)
+    list_s = time.perf_counter() - t0
+    done = ledger.done_shards(layout, run_id)
+    work, plan_notes = plan_work(layout, listing.table, model_version=card.version, full=cfg.full, resumed_shards=done)
+    notes = listing.notes + plan_notes
+    seen = set(work.resumed_uris)
+    total = work.table.num_rows
+    log.info(
+        "run %s: %d listed, %d to tag%s",
+        run_id,
+        listing.table.num_rows,
+        total,
+        f", {len(seen)} already staged (resumed)" if seen else "",
+    )
+
+    writer = _ShardWriter(layout, run_id, cfg.rows_per_shard, seen, next_index=max((s.index for s in done), default=-1) + 1)
+    t_pipe = time.perf_counter()
+    plan: dict[str, Any] = {}
+    if total:
+        init_ray(cfg.ray_address)
+        ds, plan = _build_dataset(cfg, work.table, card.version, card.image_size, run_id, tagged_at)
+        processed = 0
+        last_log = time.perf_counter()
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+            processed += batch.num_rows
+            if progress is not None:
+                progress(min(processed, total), total)
+            if time.perf_counter() - last_log > 10:
+                rate = processed / (time.perf_counter() - t_pipe)
+                log.info("run %s: %d/%d images (%.1f img/s)", run_id, processed, total, rate)
+                last_log = time.perf_counter()
+        writer.flush()
+    pipeline_s = time.perf_counter() - t_pipe
+
+    shards = done + writer.shards
+    ok = sum(int(s.stats.get("ok", 0)) for s in shards)
+    err = sum(int(s.stats.get("error", 0)) for s in shards)
+    resumed_accel = sum(float(s.stats.get("accel_s", 0.0)) for s in done)
+    if not shards:
+        ledger.clear_staging(layout, run_id)
+        msg = "nothing to do: no new or changed images" if listing.table.num_rows else "nothing to do: the source has no images"
+        log.info("run %s: %s", run_id, msg)
+        return RunResult(
+            run_id=run_id,
+            listed=listing.table.num_rows,
+            processed=0,
+            ok=0,
+            error=0,
+            unchanged=work.unchanged + writer.totals["unchanged"],
+            wall_s=time.perf_counter() - t_start,
+            manifest=None,
+            output=cfg.output,
+            notes=[*notes, msg],
+        )
+    # Stats of the shards written in this attempt carry their share of the timings (for resumed accounting).
+    savings = compute_savings(
+        images=writer.totals["ok"],
+        tasks=len(card.tasks),
+        device="cuda" if plan.get("num_gpus") else "cpu",
+        multi_s=writer.totals["accel_s"],
+        single_s=writer.totals["single_s"],
+        decode_s=writer.totals["decode_s"],
+        price_per_hour=cfg.price_per_hour,
+        method="calibrated" if cfg.calibrate else "none",
+    )
+    wall_s = time.perf_counter() - t_start
+    manifest = {
+        "run_id": run_id,
+        "run_date": state["run_date"],
+        "started_at": state["started_at"],
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": cfg.model,
+        "model_version": card.version,
+        "source": cfg.source,
+        "schema_version": OUTPUT_SCHEMA_VERSION,
+        "tasks": [t["name"] for t in card.tasks],
+        "incremental": not cfg.full,
+        "counts": {
+            "listed": listing.table.num_rows,
+            "to_tag": total + len(work.resumed_uris),
+            "unchanged": work.unchanged + writer.totals["unchanged"],
+            "rows": ok + err,
+            "ok": ok,
+            "error": err,
+            "skipped_non_image": listing.skipped_non_image,
+            "duplicate_uris": listing.duplicates,
+            "retried_duplicates_dropped": writer.totals["duplicates"],
+        },
+        "timings": {
+            "wall_s": round(wall_s, 3),
+            "list_s": round(list_s, 3),
+            "pipeline_s": round(pipeline_s, 3),
+            "accel_s": writer.totals["accel_s"] + resumed_accel,
+            "decode_cpu_s": writer.totals["decode_s"],
+            "images_per_s": round(writer.totals["ok"] / pipeline_s, 2) if pipeline_s > 0 else None,
+        },
+        "resources": {k: v for k, v in plan.items()},
+        "savings": savings.to_dict(),
+        "notes": notes,
+    }
+    committed = ledger.commit(layout, run_id, state["run_date"], shards, manifest)
+    return RunResult(
+        run_id=run_id,
+        listed=listing.table.num_rows,
+        processed=ok + err,
+        ok=ok,
+        error=err,
+        unchanged=manifest["counts"]["unchanged"],
+        wall_s=time.perf_counter() - t_start,
+        manifest=committed,
+        output=cfg.output,
+        notes=notes,
+    )
+
+
+def _result_from_manifest(m: dict[str, Any], output: str, wall_s: float) -> RunResult:
+    c = m.get("counts", {})
+    return RunResult(
+        run_id=m["run_id"],
+        listed=c.get("listed", 0),
+        processed=c.get("rows", 0),
+        ok=c.get("ok", 0),
+        error=c.get("error", 0),
+        unchanged=c.get("unchanged", 0),
+        wall_s=wall_s,
+        manifest=m,
+        output=output,
+        notes=["already committed"],
+    )
