@@ -124,6 +124,116 @@ def predict(
         out_console.print(table)
 
 
+# --------------------------------------------------------------------------------------------- tag
+@app.command()
+def tag(
+    model: Annotated[str, typer.Option("--model", help="Model artifact directory (path or fsspec URL).")],
+    source: Annotated[str, typer.Option("--source", help="Image prefix (dir, s3://, any fsspec URL) or a .csv/.parquet manifest.")],
+    output: Annotated[str, typer.Option("--output", help="Output root (path or fsspec URL).")],
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Run id; reuse one to resume a crashed run.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="local (default) | auto | ray://host:10001")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
+    actors: Annotated[int | None, typer.Option("--actors", min=1, help="Predictor actors (default: 1 per GPU, else 1).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    full: Annotated[bool, typer.Option("--full", help="Re-tag everything, not only new or changed images.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Tag at most N images.")] = None,
+    price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", help="USD per accelerator-hour for the savings report.")] = None,
+) -> None:
+    """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from catalog_tagger.job import TagJobConfig, run
+    from catalog_tagger.summary import render_run_summary
+
+    params = dict(model=model, source=source, output=output, run_id=run_id, ray_address=ray_address,
+                  batch_size=batch_size, actors=actors, device=device, full=full, limit=limit)
+    if price_per_hour is not None:
+        params["price_per_hour"] = price_per_hour
+    cfg = _validated(TagJobConfig, params)
+    with Progress(
+        TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
+    ) as bar:
+        task_id = bar.add_task("tag", total=None)
+        result = run(cfg, progress=lambda done, total: bar.update(task_id, completed=done, total=total))
+    render_run_summary(result, out_console)
+
+
+def _validated(model_cls, params: dict):
+    """Build a pydantic parameter model; a validation error is a user error (exit 2) with the field named."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**params)
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise UserError(f"invalid parameters: {msgs}") from None
+
+
+# --------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    tasks: Annotated[str, typer.Option("--tasks", help="tasks.yaml (path or fsspec URL).")],
+    labels: Annotated[str, typer.Option("--labels", help="Labels table (.parquet/.csv): uri + a column per task.")],
+    out: Annotated[str, typer.Option("--out", help="Model artifact directory to write.")],
+    backbone: Annotated[str | None, typer.Option(help="Backbone registry name (default small_cnn).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input size in pixels (default 128).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs; early stopping may stop sooner.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Global batch size (default 64).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-3).")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (default 4).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Pretrained backbone weights (.safetensors).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train data-parallel workers (>1 uses Ray).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Train on this Ray cluster.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for split, init, shuffling, augmentation (default 0).")] = None,
+    single_task: Annotated[
+        bool, typer.Option("--single-task", help="Also train one model per task; write comparison.json.")
+    ] = False,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="Use only the first N rows.")] = None,
+    color_jitter: Annotated[float | None, typer.Option("--color-jitter", help="Colour jitter (0 = off).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+) -> None:
+    """Train the multi-head model on a labels table and write the artifact (+ metrics.csv, split, report)."""
+    from catalog_tagger.train import TrainConfig, iter_comparison_rows
+    from catalog_tagger.train import train as run_training
+
+    cfg = TrainConfig.parse(
+        tasks=tasks, labels=labels, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
+        batch_size=batch_size, lr=lr, patience=patience, weights=weights, workers=workers, ray_address=ray_address,
+        seed=seed, single_task=single_task, max_images=max_images, color_jitter=color_jitter, device=device,
+    )  # fmt: skip
+    res = run_training(cfg)
+    n_test = res.card.training["split"]["counts"]["test"]
+    table = Table("task", "metric", "test", title=f"test metrics ({n_test} images)")
+    for name, m in res.metrics.items():
+        for key in ("accuracy", "macro_f1", "micro_f1", "map"):
+            if m.get(key) is not None:
+                table.add_row(name, key, f"{m[key]:.3f}")
+    out_console.print(table)
+    if res.comparison is not None:
+        c = res.comparison
+        cmp = Table(
+            "task", "metric", "multi-head", "single-task", "single params", "single ms/img",
+            title="multi-head vs single-task",
+        )  # fmt: skip
+        for row in iter_comparison_rows(c):
+            cmp.add_row(*row)
+        cmp.add_row(
+            "[bold]total[/]", "", f"{c['multi_head']['ms_per_image']:.3f} ms/img",
+            f"{c['single_task_total']['ms_per_image']:.3f} ms/img", f"{c['single_task_total']['parameters']:,}", "",
+        )  # fmt: skip
+        out_console.print(cmp)
+        out_console.print(
+            f"multi-head parameters {c['multi_head']['parameters']:,} vs {c['single_task_total']['parameters']:,} "
+            f"for {c['n_tasks']} single-task models; measured cost ratio [bold]{c['cost_ratio']:.2f}x[/] "
+            f"(n = {c['n_tasks']}) on {c['device']}"
+        )
+    skipped = len(res.skipped)
+    console.print(
+        f"wrote model artifact [bold]{res.out}[/] (version {res.card.version}): {res.images_used} images, "
+        f"{skipped} skipped, best epoch {res.best_epoch}/{res.epochs_run}, {res.seconds:.0f}s"
+    )
+
+
 # --------------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(

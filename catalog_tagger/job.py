@@ -137,13 +137,16 @@ def _plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
         actors = cfg.actors or gpus
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": cfg.decode_cpus or 1}
     actors = cfg.actors or 1
-    # On CPU the actors' torch threads and the decode tasks share the cores; give the model most of them.
-    per_actor = max(1, int(cpus // actors) - (1 if cpus >= 4 else 0))
+    # On CPU the actors' torch threads and the decode tasks share the cores. Keep CPU resources for decode
+    # (else the pool takes every CPU and decode tasks never schedule); on tiny machines let torch use all
+    # cores anyway, since decode is light next to the model.
+    reserve = 1 if cpus < 8 else max(1, int(cpus // 4))
+    per_actor = max(1, int((cpus - reserve) // actors))
     return {
         "actors": actors,
         "num_gpus": 0,
-        "num_cpus": min(per_actor, cpus) if cpus > 1 else 0.5,
-        "threads": per_actor,
+        "num_cpus": per_actor if cpus - reserve >= actors else max(0.25, (cpus - reserve) / actors),
+        "threads": int(cpus) if cpus <= 2 else per_actor,
         "decode_cpus": cfg.decode_cpus or (0.5 if cpus <= 2 else 1),
     }
 
@@ -177,7 +180,7 @@ def _build_dataset(cfg: TagJobConfig, work: pa.Table, model_version: str, image_
         },
         batch_format="numpy",
         batch_size=cfg.batch_size,
-        concurrency=plan["actors"],
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
         zero_copy_batch=True,

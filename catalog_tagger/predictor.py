@@ -187,19 +187,23 @@ class Predictor:
         pos = np.full(n, -1, dtype=np.int64)
         pos[ok] = np.arange(len(ok))
 
+        def clean(values: np.ndarray) -> list[Any]:
+            # Ray's numpy batches turn nulls of object columns into NaN floats; the schema wants nulls.
+            return [None if (v is None or (isinstance(v, float) and v != v)) else v for v in values.tolist()]
+
         def spread(values: Any) -> list[Any]:
             return [values[p] if p >= 0 else None for p in pos]
 
         data: dict[str, Any] = {
-            "uri": batch["uri"].tolist(),
-            "size": batch["size"].tolist(),
-            "etag": batch["etag"].tolist(),
-            "mtime": batch["mtime"].tolist(),
-            "content_hash": batch["content_hash"].tolist(),
+            "uri": clean(batch["uri"]),
+            "size": clean(batch["size"]),
+            "etag": clean(batch["etag"]),
+            "mtime": clean(batch["mtime"]),
+            "content_hash": clean(batch["content_hash"]),
             "run_id": [self.run_id] * n,
             "model_version": [self.card.version] * n,
             "status": batch["status"].tolist(),
-            "error": batch["error"].tolist(),
+            "error": clean(batch["error"]),
             "width": [int(w) if s == STATUS_OK else None for w, s in zip(batch["width"], batch["status"], strict=True)],
             "height": [int(h) if s == STATUS_OK else None for h, s in zip(batch["height"], batch["status"], strict=True)],
         }

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from catalog_tagger.config import TaskConfig, parse_tasks
 from catalog_tagger.errors import UserError
@@ -104,9 +104,21 @@ _SILHOUETTES: dict[str, list[_Shape]] = {
     ],
 }
 # Where the logo emblem sits, and a point deep inside the item that no badge ever covers (tests read the
-# item colour there). Both in unit box coordinates; shoes may be mirrored, and these mirror with them.
-LOGO_ANCHOR = {"tshirt": (0.5, 0.4), "dress": (0.5, 0.6), "trousers": (0.7, 0.15), "shoe": (0.3, 0.5), "bag": (0.5, 0.55)}
-CORE_POINT = {"tshirt": (0.5, 0.76), "dress": (0.5, 0.86), "trousers": (0.26, 0.74), "shoe": (0.5, 0.8), "bag": (0.5, 0.84)}
+# item colour there). Both in unit box coordinates of the unmirrored item (x flips when truth says mirrored).
+LOGO_ANCHOR = {
+    "tshirt": (0.5, 0.4),
+    "dress": (0.5, 0.6),
+    "trousers": (0.7, 0.15),
+    "shoe": (0.3, 0.5),
+    "bag": (0.5, 0.55),
+}
+CORE_POINT = {
+    "tshirt": (0.5, 0.76),
+    "dress": (0.5, 0.86),
+    "trousers": (0.26, 0.74),
+    "shoe": (0.5, 0.8),
+    "bag": (0.5, 0.84),
+}
 
 _FORMATS = (("JPEG", "jpg", 0.80), ("PNG", "png", 0.12), ("WEBP", "webp", 0.08))
 _BADGE_P = 0.3
@@ -242,17 +254,18 @@ def _background(plan: _Plan, rng: np.random.Generator) -> Image.Image:
         bottom = top - rng.uniform(5, 30)
         tint = rng.uniform(-5, 5, size=3)
         ramp = np.linspace(top, bottom, h, dtype=np.float32)[:, None, None] + tint.astype(np.float32)
-        arr = np.broadcast_to(np.clip(ramp, 0, 255).astype(np.uint8), (h, w, 3))
-        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        column = Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8), "RGB")  # (h, 1): widen in C
+        return column.resize((w, h), Image.Resampling.NEAREST)
     # Noisy: a desaturated mid grey with low-frequency blobs and fine grain. Grey enough not to look like any
     # item colour, and never dark enough to hide a black item or the dark text lines.
     base = rng.uniform(100, 165) + rng.uniform(-10, 10, size=3)
     gx, gy = int(rng.integers(4, 9)), int(rng.integers(4, 9))
     blobs = base + rng.uniform(-30, 30, size=(gy, gx, 1)) + rng.uniform(-8, 8, size=(gy, gx, 3))
     small = Image.fromarray(np.clip(blobs, 0, 255).astype(np.uint8), "RGB")
-    arr = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
-    grain = rng.integers(-14, 15, size=(h, w, 1), dtype=np.int16)
-    return Image.fromarray(np.clip(arr + grain, 0, 255).astype(np.uint8), "RGB")
+    # Grain in 2x2 cells: half the random numbers, and finer grain would not survive any downscale anyway.
+    cells = rng.integers(0, 29, size=((h + 1) // 2, (w + 1) // 2), dtype=np.uint8)
+    grain = Image.fromarray(cells, "L").resize((w, h), Image.Resampling.NEAREST).convert("RGB")
+    return ImageChops.add(small.resize((w, h), Image.Resampling.BICUBIC), grain, scale=1.0, offset=-14)
 
 
 def _fill_layer(plan: _Plan, cw: int, ch: int) -> Image.Image:
@@ -270,17 +283,24 @@ def _fill_layer(plan: _Plan, cw: int, ch: int) -> Image.Image:
         mask = ((coord + p["phase_x"] * period) % period) < 0.45 * period
     elif plan.pattern == "checked":
         q = p["period"]
-        mask = (np.floor((xs + p["phase_x"] * q) / q) + np.floor((ys + p["phase_y"] * q) / q)) % 2 == 0
-    else:  # dotted
+        mask = (np.floor((xs + p["phase_x"] * q) / q) % 2 == 0) ^ (np.floor((ys + p["phase_y"] * q) / q) % 2 == 0)
+    else:  # dotted; separable per row and column, with odd rows shifted by half a period when staggered
         d = p["period"]
-        row = np.floor((ys + p["phase_y"] * d) / d)
-        fx = ((xs + p["phase_x"] * d + (row % 2) * p["stagger"] * d / 2) % d) - d / 2
-        fy = ((ys + p["phase_y"] * d) % d) - d / 2
-        mask = fx * fx + fy * fy < (p["radius"] * d) ** 2
-    mask = np.broadcast_to(mask, (ch, cw))
+        odd = np.floor((ys + p["phase_y"] * d) / d) % 2 == 1  # (ch, 1)
+        fx2 = (((xs + p["phase_x"] * d) % d) - d / 2) ** 2
+        fx2_odd = (((xs + p["phase_x"] * d + p["stagger"] * d / 2) % d) - d / 2) ** 2
+        fy2 = (((ys + p["phase_y"] * d) % d) - d / 2) ** 2
+        mask = np.where(odd, fx2_odd, fx2) + fy2 < (p["radius"] * d) ** 2
+    # Shading is per row, so shade the two colours once per row and pick per pixel: no full-size float maths.
     shading = 1.0 - p["shade"] * (ys / max(ch - 1, 1))  # (ch, 1)
-    arr = np.where(mask[..., None], shade, base) * shading[..., None]
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    base_img = Image.fromarray(np.clip(base * shading[..., None], 0, 255).astype(np.uint8), "RGB")  # (ch, 1)
+    base_img = base_img.resize((cw, ch), Image.Resampling.NEAREST)
+    if plan.pattern == "plain":
+        return base_img
+    shade_img = Image.fromarray(np.clip(shade * shading[..., None], 0, 255).astype(np.uint8), "RGB")
+    shade_img = shade_img.resize((cw, ch), Image.Resampling.NEAREST)
+    mask_img = Image.fromarray(np.broadcast_to(mask, (ch, cw)).astype(np.uint8) * 255, "L")
+    return Image.composite(shade_img, base_img, mask_img)
 
 
 def _luma(rgb: Sequence[int]) -> float:
@@ -395,6 +415,19 @@ def _draw_text(draw: ImageDraw.ImageDraw, plan: _Plan, rng: np.random.Generator)
         y += lh + gap
 
 
+def _draw(plan: _Plan, rng: np.random.Generator) -> Image.Image:
+    """The upright RGB picture: background, item (with its logo), then sale sticker and text on top."""
+    img = _background(plan, rng)
+    canvas, pad = _item(plan, rng)
+    img.paste(canvas, (plan.box[0] - pad, plan.box[1] - pad), canvas)
+    draw = ImageDraw.Draw(img)
+    if "sale" in plan.badges:
+        _draw_sale(draw, plan, rng)
+    if "text" in plan.badges:
+        _draw_text(draw, plan, rng)
+    return img
+
+
 def _encode(img: Image.Image, plan: _Plan) -> bytes:
     buf = io.BytesIO()
     if plan.fmt == "JPEG":
@@ -425,14 +458,7 @@ def render_image(index: int, seed: int, *, min_size: int = 300, max_size: int = 
     """
     rng = np.random.default_rng([seed, index])
     plan = _plan(rng, min_size, max_size)
-    img = _background(plan, rng)
-    canvas, pad = _item(plan, rng)
-    img.paste(canvas, (plan.box[0] - pad, plan.box[1] - pad), canvas)
-    draw = ImageDraw.Draw(img)
-    if "sale" in plan.badges:
-        _draw_sale(draw, plan, rng)
-    if "text" in plan.badges:
-        _draw_text(draw, plan, rng)
+    img = _draw(plan, rng)
     if plan.grayscale:
         img = img.convert("L")
     if plan.orientation != 1:
@@ -450,6 +476,7 @@ def render_image(index: int, seed: int, *, min_size: int = 300, max_size: int = 
         "grayscale": plan.grayscale,
         "background": plan.background,
         "item_box": list(plan.box),
+        "mirrored": plan.mirror,
     }
     return data, plan.ext, truth
 
@@ -479,6 +506,7 @@ TRUTH_SCHEMA = pa.schema(
         pa.field("grayscale", pa.bool_()),
         pa.field("background", pa.string()),
         pa.field("item_box", pa.list_(pa.int32())),
+        pa.field("mirrored", pa.bool_()),
         pa.field("index", pa.int64()),
     ]
 )
@@ -632,7 +660,7 @@ def write_bad_images(out_dir: str | Path) -> dict[str, str]:
     files["gray16.png"] = (save(Image.fromarray(ramp), "PNG"), "ok")
     files["cmyk.jpg"] = (save(rgb.convert("CMYK"), "JPEG", quality=90), "ok")
     files["gray.jpg"] = (save(rgb.convert("L"), "JPEG", quality=90), "ok")
-    frames = [Image.new("P", (48, 32), i * 40) for i in range(3)]
+    frames = [Image.new("RGB", (48, 32), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
     files["animated.gif"] = (save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100), "ok")
     files["bomb.png"] = (_png_with_size(50_000, 50_000), "error")
     for name, (data, _) in files.items():
