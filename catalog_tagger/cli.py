@@ -251,7 +251,7 @@ def main() -> None:
     try:
         rv = app(standalone_mode=False)
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True, markup=True, highlight=False)
         sys.exit(2)
     except click.exceptions.UsageError as err:
         err.show()

@@ -106,7 +106,18 @@ def validate(cfg: TagJobConfig) -> None:
         raise
     except FileNotFoundError:
         raise UserError(f"model {cfg.model!r} not found") from None
+    _check_source_exists(cfg)
     _check_output_writable(cfg)
+
+
+def _check_source_exists(cfg: TagJobConfig) -> None:
+    fs = filesystem(cfg.source, cfg.storage_options)
+    try:
+        found = fs.exists(strip(cfg.source))
+    except Exception as err:  # noqa: BLE001 - permission, bad bucket, bad credentials...
+        raise UserError(f"source {cfg.source!r} cannot be read: {type(err).__name__}: {err}") from None
+    if not found:
+        raise UserError(f"source {cfg.source!r} does not exist or is not readable")
 
 
 def init_ray(address: str | None) -> None:
@@ -224,22 +235,31 @@ class _ShardWriter:
         table = table.filter(pc.invert(unchanged))
         self.pending.append(table)
         self.pending_rows += table.num_rows
-        if self.pending_rows >= self.rows_per_shard:
-            self.flush()
+        while self.pending_rows >= self.rows_per_shard:
+            merged = pa.concat_tables(self.pending)
+            self.pending = [merged.slice(self.rows_per_shard)]
+            self.pending_rows = merged.num_rows - self.rows_per_shard
+            self._write(merged.slice(0, self.rows_per_shard))
         return table.num_rows
 
     def flush(self) -> None:
-        if not self.pending_rows:
-            self.pending, self.pending_rows = [], 0
-            return
-        table = pa.concat_tables(self.pending).drop_columns([ACCEL_COL, CALIB_COL, DECODE_COL])
-        stats = _table_stats(table)
+        if self.pending_rows:
+            self._write(pa.concat_tables(self.pending))
+        self.pending, self.pending_rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
+        timing = {
+            "accel_s": pc.sum(table.column(ACCEL_COL)).as_py() or 0.0,
+            "single_s": pc.sum(table.column(CALIB_COL)).as_py() or 0.0,
+            "decode_s": pc.sum(table.column(DECODE_COL)).as_py() or 0.0,
+        }
+        table = table.drop_columns([ACCEL_COL, CALIB_COL, DECODE_COL])
+        stats = {**_table_stats(table), **timing}
         shard = ledger.write_shard(self.layout, self.run_id, self.index, table, stats)
         self.shards.append(shard)
         self.totals["ok"] += stats["ok"]
         self.totals["error"] += stats["error"]
         self.index += 1
-        self.pending, self.pending_rows = [], 0
 
 
 def _table_stats(table: pa.Table) -> dict[str, Any]:
@@ -324,7 +344,10 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     shards = done + writer.shards
     ok = sum(int(s.stats.get("ok", 0)) for s in shards)
     err = sum(int(s.stats.get("error", 0)) for s in shards)
-    resumed_accel = sum(float(s.stats.get("accel_s", 0.0)) for s in done)
+    # Timings come from the shard stats, so a resumed run still accounts for the shards of earlier attempts.
+    accel_s = sum(float(s.stats.get("accel_s", 0.0)) for s in shards)
+    single_s = sum(float(s.stats.get("single_s", 0.0)) for s in shards)
+    decode_s = sum(float(s.stats.get("decode_s", 0.0)) for s in shards)
     if not shards:
         ledger.clear_staging(layout, run_id)
         msg = "nothing to do: no new or changed images" if listing.table.num_rows else "nothing to do: the source has no images"
@@ -341,14 +364,13 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
             output=cfg.output,
             notes=[*notes, msg],
         )
-    # Stats of the shards written in this attempt carry their share of the timings (for resumed accounting).
     savings = compute_savings(
-        images=writer.totals["ok"],
+        images=ok,
         tasks=len(card.tasks),
         device="cuda" if plan.get("num_gpus") else "cpu",
-        multi_s=writer.totals["accel_s"],
-        single_s=writer.totals["single_s"],
-        decode_s=writer.totals["decode_s"],
+        multi_s=accel_s,
+        single_s=single_s,
+        decode_s=decode_s,
         price_per_hour=cfg.price_per_hour,
         method="calibrated" if cfg.calibrate else "none",
     )
@@ -379,8 +401,8 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
             "wall_s": round(wall_s, 3),
             "list_s": round(list_s, 3),
             "pipeline_s": round(pipeline_s, 3),
-            "accel_s": writer.totals["accel_s"] + resumed_accel,
-            "decode_cpu_s": writer.totals["decode_s"],
+            "accel_s": accel_s,
+            "decode_cpu_s": decode_s,
             "images_per_s": round(writer.totals["ok"] / pipeline_s, 2) if pipeline_s > 0 else None,
         },
         "resources": {k: v for k, v in plan.items()},

@@ -46,7 +46,7 @@ SYNTH_TASKS: TaskConfig = parse_tasks(
 )
 
 # Base RGB per colour name. Jitter stays small enough that no two colours meet; white sits above every studio
-# background (<= 215) and black below every noisy one (>= 60), so the item never melts into its background.
+# background (<= 215) and black far below the noisy ones (mid grey, base >= 100); every item also has an outline.
 _COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (210, 35, 35),
     "orange": (240, 135, 25),
@@ -148,7 +148,7 @@ class SynthConfig:
 class SynthResult:
     """Where everything went: image URIs in index order, and the three side files."""
 
-    out: str
+    out: str  # the catalog root, resolved: an absolute local path or a full URL
     images: list[str]
     labels_uri: str
     truth_uri: str
@@ -611,7 +611,7 @@ def generate(cfg: SynthConfig) -> SynthResult:
         time.perf_counter() - t0,
     )
     return SynthResult(
-        out=cfg.out,
+        out=_uri(fs, root),
         images=uris,
         labels_uri=_uri(fs, labels_path),
         truth_uri=_uri(fs, truth_path),

@@ -42,3 +42,72 @@ def chromium_path() -> str:
             pytest.fail("CI must have Debian's chromium installed (.ci/run installs it)")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium); CI installs it")
     return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto's server mode) on loopback; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server and the fsspec storage options that reach it."""
+    import uuid
+
+    import s3fs
+
+    opts = {
+        "key": "testing-key",
+        "secret": "testing-secret",
+        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+    }
+    import boto3
+
+    bucket = f"ct-{uuid.uuid4().hex[:10]}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id=opts["key"],
+        aws_secret_access_key=opts["secret"],
+    ).create_bucket(Bucket=bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return bucket, opts
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Make (and cache) tiny random-init artifacts for a tasks file: fast enough for every pipeline test."""
+    cache: dict[tuple[str, int], str] = {}
+
+    def make(tasks_uri: str, *, seed: int = 0, image_size: int = 32) -> str:
+        import torch
+
+        from catalog_tagger.config import load_tasks
+        from catalog_tagger.model import build_model, card_for, save_artifact
+
+        key = (str(tasks_uri), seed)
+        if key not in cache:
+            torch.manual_seed(seed)
+            model = build_model(backbone="tiny_cnn", tasks=load_tasks(tasks_uri))
+            out = tmp_path_factory.mktemp("model")
+            save_artifact(model, card_for(model, image_size=image_size), out)
+            cache[key] = str(out)
+        return cache[key]
+
+    return make

@@ -1,0 +1,237 @@
+"""The tagging job end to end on the shared local Ray: sources, bad images, incremental, commit, schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catalog_tagger import ledger
+from catalog_tagger.config import load_tasks
+from catalog_tagger.job import TagJobConfig, run
+from catalog_tagger.schema import output_schema
+from catalog_tagger.synthetic import SynthConfig, generate, write_bad_images
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    root = tmp_path_factory.mktemp("catalog")
+    res = generate(SynthConfig(out=str(root), images=40, seed=7, min_size=300, max_size=420))
+    return res
+
+
+@pytest.fixture(scope="module")
+def model(catalog, tiny_model_factory):
+    return tiny_model_factory(catalog.tasks_uri)
+
+
+def committed_rows(out: str | Path) -> pa.Table:
+    files = ledger.committed_files(ledger.Layout(str(out)))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+
+
+def visible_parquet(out: Path) -> list[Path]:
+    return sorted((out / "predictions").rglob("*.parquet")) if (out / "predictions").exists() else []
+
+
+def test_local_directory_source_one_row_per_image(catalog, model, tmp_path):
+    out = tmp_path / "out"
+    res = run(TagJobConfig(model=model, source=catalog.out + "/images", output=str(out), batch_size=16))
+    assert res.listed == 40 and res.ok == 40 and res.error == 0
+    table = committed_rows(out)
+    assert table.num_rows == 40
+    assert sorted(table.column("uri").to_pylist()) == sorted(catalog.images)
+    # Hive layout and the manifest lists exactly the visible files
+    manifest = json.loads((out / "runs" / f"{res.run_id}.json").read_text())
+    listed = sorted(out / f["path"] for f in manifest["files"])
+    assert listed == visible_parquet(out)
+    assert all(f"run_id={res.run_id}" in str(p) and "run_date=" in str(p) for p in listed)
+    assert manifest["counts"]["ok"] == 40 and manifest["model_version"] == table.column("model_version")[0].as_py()
+    assert not (out / "_staging" / res.run_id).exists()
+    # width/height are the originals as displayed; labels are from the task config
+    truth = pq.read_table(catalog.truth_uri).to_pandas().set_index("uri")
+    rows = table.to_pandas().set_index("uri")
+    assert (rows["width"] == truth.loc[rows.index, "width"]).all()
+    assert (rows["height"] == truth.loc[rows.index, "height"]).all()
+    tasks = load_tasks(catalog.tasks_uri)
+    assert set(rows["garment"]) <= set(tasks.task("garment").labels)
+    assert all(set(b) <= set(tasks.task("badges").labels) for b in rows["badges"])
+    assert all(len(e) == table.schema.field("embedding").type.list_size for e in rows["embedding"])
+
+
+def test_golden_output_schema(catalog, model, tmp_path):
+    out = tmp_path / "out"
+    run(TagJobConfig(model=model, source=catalog.out + "/images", output=str(out), limit=4))
+    schema = pq.read_schema(visible_parquet(out)[0])
+    golden = [
+        ("uri", "string", False),
+        ("size", "int64", True),
+        ("etag", "string", True),
+        ("mtime", "timestamp[us, tz=UTC]", True),
+        ("content_hash", "string", True),
+        ("run_id", "string", False),
+        ("model_version", "string", False),
+        ("status", "string", False),
+        ("error", "string", True),
+        ("width", "int32", True),
+        ("height", "int32", True),
+        ("garment", "string", True),
+        ("garment_score", "float", True),
+        ("color", "string", True),
+        ("color_score", "float", True),
+        ("pattern", "string", True),
+        ("pattern_score", "float", True),
+        ("badges", "list<element: string>", True),
+        ("badges_scores", "list<element: float>", True),
+        ("embedding", "fixed_size_list<element: float>[32]", True),
+        ("tagged_at", "timestamp[us, tz=UTC]", False),
+    ]
+    assert [(f.name, str(f.type), f.nullable) for f in schema] == golden
+    assert schema.metadata[b"catalog_tagger.schema_version"] == b"1"
+    assert output_schema(load_tasks(catalog.tasks_uri), 32).remove_metadata() == schema.remove_metadata()
+
+
+def test_bad_images_become_rows_and_never_crash(model, tmp_path):
+    src = tmp_path / "bad"
+    expected = write_bad_images(src)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "catalog_tagger.cli", "tag", "--model", model, "--source", str(src),
+         "--output", str(out), "--batch-size", "4", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = committed_rows(out)
+    assert table.num_rows == len(expected)
+    got = {Path(u).name: (s, e) for u, s, e in zip(*(table.column(c).to_pylist() for c in ("uri", "status", "error")), strict=True)}
+    assert {k: v[0] for k, v in got.items()} == expected
+    for name, (status, err) in got.items():
+        assert (err is None) == (status == "ok"), name
+    assert "pixels" in got["bomb.png"][1] and "empty" in got["empty.jpg"][1]
+    assert "tagged ok" in proc.stdout and "errors" in proc.stdout
+
+
+def test_incremental_nightly(catalog, model, tmp_path):
+    work = tmp_path / "catalog"
+    shutil.copytree(catalog.out, work)
+    out = str(tmp_path / "out")
+    cfg = dict(model=model, source=str(work / "images"), output=out, batch_size=16)
+    first = run(TagJobConfig(**cfg))
+    assert first.processed == 40
+    second = run(TagJobConfig(**cfg))
+    assert second.processed == 0 and second.unchanged == 40 and second.manifest is None
+    generate(SynthConfig(out=str(work), images=10, seed=7, start=1000, min_size=300, max_size=420))
+    third = run(TagJobConfig(**cfg))
+    assert third.processed == 10 and third.unchanged == 40
+    # a changed file (new bytes, new size/mtime) is re-tagged
+    victim = sorted((work / "images").iterdir())[0]
+    victim.write_bytes((work / "images" / sorted(p.name for p in (work / "images").iterdir())[1]).read_bytes())
+    fourth = run(TagJobConfig(**cfg))
+    assert fourth.processed == 1
+    full = run(TagJobConfig(**cfg, full=True))
+    assert full.processed == 50
+    rows = committed_rows(out)
+    assert rows.num_rows == 40 + 10 + 1 + 50
+    # DuckDB reads exactly the committed files; latest per uri covers the catalog once
+    files = ledger.committed_files(ledger.Layout(out))
+    con = duckdb.connect()
+    n_latest = con.execute(f"SELECT count(DISTINCT uri) FROM read_parquet({files!r}) WHERE status = 'ok'").fetchall()[0][0]
+    assert n_latest == 50
+
+
+def test_new_model_version_retags_everything(catalog, tiny_model_factory, tmp_path):
+    out = str(tmp_path / "out")
+    src = catalog.out + "/images"
+    m1 = tiny_model_factory(catalog.tasks_uri, seed=1)
+    m2 = tiny_model_factory(catalog.tasks_uri, seed=2)
+    assert run(TagJobConfig(model=m1, source=src, output=out, limit=8)).processed == 8
+    assert run(TagJobConfig(model=m1, source=src, output=out, limit=8)).processed == 0
+    assert run(TagJobConfig(model=m2, source=src, output=out, limit=8)).processed == 8
+
+
+def test_manifest_source_with_duplicates_and_relative_uris(catalog, model, tmp_path):
+    images = sorted(Path(catalog.out, "images").iterdir())[:6]
+    manifest = tmp_path / "manifest.csv"
+    extra = sorted(Path(catalog.out, "images").iterdir())[6]
+    relative = os.path.relpath(extra, tmp_path)  # relative to the manifest's folder
+    lines = ["uri"] + [str(p) for p in images] + [str(images[0]), relative]
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    res = run(TagJobConfig(model=model, source=str(manifest), output=str(out)))
+    assert res.processed == 7  # 6 absolute + 1 relative (different file), duplicate tagged once
+    assert res.manifest["counts"]["duplicate_uris"] == 1
+    uris = committed_rows(out).column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 7
+
+
+def test_crash_before_commit_leaves_nothing_visible_and_rerun_resumes(catalog, model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = TagJobConfig(model=model, source=catalog.out + "/images", output=str(out), run_id="crashy", rows_per_shard=10)
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash before commit")
+
+    monkeypatch.setattr(ledger, "commit", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg)
+    assert visible_parquet(out) == []
+    assert not (out / "runs").exists() or list((out / "runs").iterdir()) == []
+    staged = sorted((out / "_staging" / "crashy").glob("part-*.json"))
+    assert len(staged) == 4  # 40 rows in shards of 10, each with its stats file
+    monkeypatch.undo()
+    res = run(cfg)
+    assert res.manifest is not None and res.ok == 40
+    assert "resumed" in " ".join(res.notes)
+    table = committed_rows(out)
+    assert table.num_rows == 40 and len(set(table.column("uri").to_pylist())) == 40
+
+
+def test_bad_command_input_exits_2_before_any_work(catalog, model, tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "catalog_tagger.cli", "tag", *args], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    out = tmp_path / "out"
+    r = cli("--model", str(tmp_path / "nope"), "--source", catalog.out, "--output", str(out))
+    assert r.returncode == 2 and "not a model artifact" in r.stderr
+    r = cli("--model", model, "--source", str(tmp_path / "missing"), "--output", str(out))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    ro = tmp_path / "ro"
+    ro.write_text("a file, not a folder")
+    r = cli("--model", model, "--source", catalog.out, "--output", str(ro / "sub"))
+    assert r.returncode == 2 and "not writable" in r.stderr
+    assert not out.exists()
+
+
+def test_s3_source_and_output_through_moto(catalog, model, s3_bucket):
+    import s3fs
+
+    bucket, opts = s3_bucket
+    fs = s3fs.S3FileSystem(**opts)
+    images = sorted(Path(catalog.out, "images").iterdir())[:12]
+    for p in images:
+        fs.put_file(str(p), f"{bucket}/catalog/sub dir/{p.name}")
+    fs.pipe_file(f"{bucket}/catalog/readme.txt", b"not an image")
+    out = f"s3://{bucket}/tags"
+    cfg = TagJobConfig(model=model, source=f"s3://{bucket}/catalog", output=out, storage_options=opts, batch_size=8)
+    res = run(cfg)
+    assert res.ok == 12 and res.manifest["counts"]["skipped_non_image"] == 1
+    runs = fs.ls(f"{bucket}/tags/runs")
+    assert len(runs) == 1
+    files = ledger.committed_files(ledger.Layout(out, opts))
+    assert all(f.startswith(f"s3://{bucket}/tags/predictions/run_date=") for f in files)
+    table = pa.concat_tables([pq.read_table(f.removeprefix("s3://"), filesystem=fs) for f in files])
+    assert table.num_rows == 12
+    assert all(u.startswith(f"s3://{bucket}/catalog/sub dir/") for u in table.column("uri").to_pylist())
+    assert all(e for e in table.column("etag").to_pylist())  # S3 gives etags: the identity for the next night
+    assert run(cfg).processed == 0
