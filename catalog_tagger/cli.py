@@ -234,6 +234,105 @@ def train(
     )
 
 
+# --------------------------------------------------------------------------------------------- query / similar / report
+_QUERY_FORMATS = ("table", "csv", "json", "parquet")
+_TABLE_MAX_ROWS = 200  # rows a terminal table shows; csv/json/parquet write them all
+
+
+def _cell(value: object, width: int = 60):
+    """A rich Text cell (never markup: uris may contain '['); long values (embeddings) are cut."""
+    from rich.text import Text
+
+    if value is None:
+        return Text("NULL", style="dim")
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, list | dict):
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    else:
+        text = str(value)
+    return Text(text if len(text) <= width else text[: width - 1] + "\u2026")
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL (DuckDB) over the views predictions, latest and runs.")],
+    output: Annotated[str, typer.Option("--output", help="Output root (path or fsspec URL).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json (JSON Lines) | parquet")] = "table",
+    out: Annotated[str | None, typer.Option("--out", help="Write the result to FILE (path or URL).")] = None,
+) -> None:
+    """Query the committed predictions with SQL (see docs/queries.md for ready-made queries)."""
+    from catalog_tagger import query as q
+    from catalog_tagger.storage import write_bytes_atomic
+
+    if fmt not in _QUERY_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(_QUERY_FORMATS)}, not {fmt!r}")
+    if fmt == "parquet" and out is None:
+        raise UserError("--format parquet needs --out FILE")
+    if fmt == "table" and out is not None:
+        raise UserError("--format table prints to the terminal; use --format csv, json or parquet with --out")
+    table = q.query(output, sql)
+    if fmt == "table":
+        view = Table(title=f"{table.num_rows:,} row(s)")
+        for name in table.column_names:
+            view.add_column(name, overflow="fold")
+        for row in table.slice(0, _TABLE_MAX_ROWS).to_pylist():
+            view.add_row(*(_cell(v) for v in row.values()))
+        out_console.print(view)
+        if table.num_rows > _TABLE_MAX_ROWS:
+            console.print(f"showing {_TABLE_MAX_ROWS} of {table.num_rows:,} rows; --format csv/json/parquet has all")
+        return
+    data = {"csv": q.to_csv, "json": q.to_json_lines, "parquet": q.to_parquet}[fmt](table)
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        write_bytes_atomic(out, data)
+        console.print(f"wrote {table.num_rows:,} row(s) to {out}", markup=False, highlight=False)
+
+
+@app.command()
+def similar(
+    output: Annotated[str, typer.Option("--output", help="Output root (path or fsspec URL).")],
+    uri: Annotated[str | None, typer.Option("--uri", help="An image of the catalog (as tagged).")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Any image file (embedded by the run's model).")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many images to return.")] = 10,
+    model: Annotated[str | None, typer.Option("--model", help="Artifact to embed --image with.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout.")] = False,
+) -> None:
+    """The k images nearest by cosine similarity of their embeddings (latest ok rows, one model version)."""
+    from catalog_tagger.query import similar as find_similar
+    from catalog_tagger.query import to_json_lines
+
+    results = find_similar(output, uri=uri, image=image, k=k, model=model)
+    if as_json:
+        import pyarrow as pa
+
+        sys.stdout.buffer.write(to_json_lines(pa.Table.from_pylist(results)) if results else b"")
+        sys.stdout.flush()
+        return
+    tasks = [c for c in (results[0] if results else {}) if c not in ("uri", "similarity")]
+    view = Table("#", "similarity", "uri", *tasks)
+    for i, r in enumerate(results, 1):
+        labels = [", ".join(r[t]) if isinstance(r[t], list) else r[t] for t in tasks]
+        view.add_row(str(i), f"{r['similarity']:.4f}", _cell(r["uri"], 100), *(_cell(v) for v in labels))
+    out_console.print(view)
+
+
+@app.command()
+def report(
+    output: Annotated[str, typer.Option("--output", help="Output root (path or fsspec URL).")],
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Committed run (default: the latest).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="HTML file (default OUT/reports/RUN_ID.html).")] = None,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="Gallery images.")] = 48,
+) -> None:
+    """Write one self-contained HTML page for a run: savings, throughput, labels, errors, a filterable gallery."""
+    from catalog_tagger.report import write_report
+
+    where = write_report(output, run_id, out=out, sample=sample)  # logs where it went; stdout gets the bare path
+    sys.stdout.write(where + "\n")
+
+
 # --------------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(

@@ -1,0 +1,402 @@
+"""SQL over an output root (DuckDB views of committed runs only) and nearest-image search over the embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_tagger import ledger
+from catalog_tagger.errors import UserError
+from catalog_tagger.ledger import Layout
+from catalog_tagger.schema import BASE_FIELDS, STATUS_OK
+from catalog_tagger.storage import filesystem, is_local, strip
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("predictions", "latest", "runs")
+# DuckDB expands these in file paths (and cannot escape them): a committed file whose path has one would be
+# globbed instead of read, so we refuse rather than read the wrong files.
+_GLOB_CHARS = ("*", "?", "[")
+_TS = pa.timestamp("us", tz="UTC")
+
+# The `runs` table: one row per committed run, the manifest flattened. (column, manifest path, type)
+# counts.*, timings.* and savings.* keep their key as the column name; the two collisions are resolved as noted.
+RUNS_COLUMNS: tuple[tuple[str, tuple[str, ...], pa.DataType], ...] = (
+    ("run_id", ("run_id",), pa.string()),
+    ("run_date", ("run_date",), pa.date32()),
+    ("started_at", ("started_at",), _TS),
+    ("finished_at", ("finished_at",), _TS),
+    ("model", ("model",), pa.string()),  # the model artifact URI the run was given
+    ("model_version", ("model_version",), pa.string()),
+    ("source", ("source",), pa.string()),
+    ("schema_version", ("schema_version",), pa.int32()),
+    ("incremental", ("incremental",), pa.bool_()),
+    ("tasks", ("tasks",), pa.list_(pa.string())),  # task names (savings.tasks, a count, is `n_tasks`)
+    ("listed", ("counts", "listed"), pa.int64()),
+    ("to_tag", ("counts", "to_tag"), pa.int64()),
+    ("unchanged", ("counts", "unchanged"), pa.int64()),
+    ("rows", ("counts", "rows"), pa.int64()),
+    ("ok", ("counts", "ok"), pa.int64()),
+    ("error", ("counts", "error"), pa.int64()),
+    ("skipped_non_image", ("counts", "skipped_non_image"), pa.int64()),
+    ("duplicate_uris", ("counts", "duplicate_uris"), pa.int64()),
+    ("retried_duplicates_dropped", ("counts", "retried_duplicates_dropped"), pa.int64()),
+    ("wall_s", ("timings", "wall_s"), pa.float64()),
+    ("list_s", ("timings", "list_s"), pa.float64()),
+    ("pipeline_s", ("timings", "pipeline_s"), pa.float64()),
+    ("accel_s", ("timings", "accel_s"), pa.float64()),
+    ("decode_cpu_s", ("timings", "decode_cpu_s"), pa.float64()),  # same value as savings.decode_cpu_s
+    ("images_per_s", ("timings", "images_per_s"), pa.float64()),
+    ("images", ("savings", "images"), pa.int64()),
+    ("n_tasks", ("savings", "tasks"), pa.int64()),
+    ("device", ("savings", "device"), pa.string()),
+    ("multi_head_accel_s", ("savings", "multi_head_accel_s"), pa.float64()),
+    ("single_task_accel_s", ("savings", "single_task_accel_s"), pa.float64()),
+    ("multi_head_accel_hours", ("savings", "multi_head_accel_hours"), pa.float64()),
+    ("single_task_accel_hours", ("savings", "single_task_accel_hours"), pa.float64()),
+    ("accel_hours_saved", ("savings", "accel_hours_saved"), pa.float64()),
+    ("fraction_saved", ("savings", "fraction_saved"), pa.float64()),
+    ("price_per_hour", ("savings", "price_per_hour"), pa.float64()),
+    ("cost_saved", ("savings", "cost_saved"), pa.float64()),
+    ("decode_cpu_s_saved", ("savings", "decode_cpu_s_saved"), pa.float64()),
+    ("method", ("savings", "method"), pa.string()),
+    ("files", ("files",), pa.int32()),  # number of part files
+    ("bytes", ("files",), pa.int64()),  # their total size
+)
+RUNS_SCHEMA = pa.schema([pa.field(name, typ) for name, _, typ in RUNS_COLUMNS])
+
+
+# --------------------------------------------------------------------------------------------- connection
+def _dig(m: dict[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = m
+    for key in path:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(key)
+    return cur
+
+
+def _runs_value(m: dict[str, Any], name: str, path: tuple[str, ...], typ: pa.DataType) -> Any:
+    if name == "files":
+        return len(m.get("files") or [])
+    if name == "bytes":
+        return sum(int(f.get("bytes") or 0) for f in m.get("files") or [])
+    v = _dig(m, path)
+    if name == "decode_cpu_s" and v is None:
+        v = _dig(m, ("savings", "decode_cpu_s"))
+    if v is None:
+        return None
+    if typ == _TS:
+        return datetime.fromisoformat(v)
+    if typ == pa.date32():
+        return date.fromisoformat(v)
+    return v
+
+
+def runs_table(manifests: list[dict[str, Any]]) -> pa.Table:
+    """The ``runs`` table: one row per committed run, manifest fields flattened (see ``RUNS_COLUMNS``)."""
+    cols = {name: [_runs_value(m, name, path, typ) for m in manifests] for name, path, typ in RUNS_COLUMNS}
+    return pa.table(cols, schema=RUNS_SCHEMA)
+
+
+def sql_string(s: str) -> str:
+    """A SQL string literal."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def sql_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def read_parquet_sql(files: list[str]) -> str:
+    """``read_parquet([...])`` over exactly these files, columns unified by name across runs.
+
+    Hive partitioning is off: DuckDB would turn every ``key=value`` folder of the path into a column, including
+    folders above the output root (``/data/env=prod/out``), and such a column could shadow a data column.
+    """
+    for f in files:
+        if any(c in f for c in _GLOB_CHARS):
+            raise UserError(
+                f"committed file {f!r} has a glob character ({' '.join(_GLOB_CHARS)}) in its path, which DuckDB "
+                "would expand instead of reading the file; move the output to a path without them"
+            )
+    listed = ", ".join(sql_string(f) for f in files)
+    return f"read_parquet([{listed}], union_by_name = true, hive_partitioning = false)"
+
+
+def _empty_predictions() -> pa.Table:
+    fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32())), pa.field("tagged_at", _TS)]
+    fields.append(pa.field("run_date", pa.date32()))
+    return pa.schema(fields).empty_table()
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What ``connect`` found: the connection, the committed manifests (oldest first) and their files."""
+
+    con: duckdb.DuckDBPyConnection
+    manifests: list[dict[str, Any]]
+    layout: Layout
+
+    def manifest(self, run_id: str | None = None) -> dict[str, Any]:
+        """One committed run's manifest; the latest committed run when ``run_id`` is None."""
+        if not self.manifests:
+            raise UserError(f"no committed runs under {self.layout.output}")
+        if run_id is None:
+            return self.manifests[-1]
+        for m in self.manifests:
+            if m.get("run_id") == run_id:
+                return m
+        recent = ", ".join(m.get("run_id", "?") for m in self.manifests[-5:])
+        raise UserError(f"run {run_id!r} is not committed under {self.layout.output} (latest runs: {recent})")
+
+    def files(self, manifest: dict[str, Any]) -> list[str]:
+        return [self.layout.abs(f["path"]) for f in manifest.get("files", [])]
+
+
+def open_catalog(output: str, storage_options: dict[str, Any] | None = None) -> Catalog:
+    """Build the DuckDB views over ``output`` and return them with the manifests they were built from."""
+    layout = Layout(output, storage_options)
+    fs = filesystem(output, storage_options)
+    if not fs.exists(strip(output)):
+        raise UserError(f"output {output!r} does not exist")
+    manifests = ledger.committed_manifests(layout)
+    con = duckdb.connect()
+    if not is_local(output):
+        # DuckDB reads remote files through the same fsspec filesystem (and credentials) as the job.
+        con.register_filesystem(fs)
+    con.from_arrow(runs_table(manifests)).create("runs")
+    files = [layout.abs(f["path"]) for m in manifests for f in m.get("files", [])]
+    if files:
+        # run_date (the partition, not a column of the files) comes from the manifests, the source of truth.
+        try:
+            con.execute(
+                f"CREATE VIEW predictions AS SELECT p.*, r.run_date FROM {read_parquet_sql(files)} AS p "
+                "LEFT JOIN (SELECT run_id AS _rid, run_date FROM runs) AS r ON p.run_id = r._rid"
+            )
+        except duckdb.Error as err:
+            con.close()
+            raise UserError(
+                f"cannot read the files committed under {output} ({err}); a run's files were deleted or moved "
+                "without its manifest: remove runs/<run_id>.json first when dropping a run"
+            ) from None
+    else:
+        log.warning("no committed runs under %s: the views are empty", output)
+        con.from_arrow(_empty_predictions()).create("predictions")
+    # Latest ok row per uri: the newest tagging, ties (same start second) broken by the run that finished last.
+    con.execute(
+        f"""
+        CREATE VIEW latest AS
+        SELECT p.* FROM predictions AS p
+        LEFT JOIN (SELECT run_id AS _rid, finished_at AS _fin FROM runs) AS r ON p.run_id = r._rid
+        WHERE p.status = {sql_string(STATUS_OK)}
+        QUALIFY row_number() OVER (PARTITION BY p.uri ORDER BY p.tagged_at DESC, r._fin DESC NULLS LAST,
+                                   p.run_id DESC) = 1
+        """
+    )
+    log.debug("query views over %s: %d run(s), %d file(s)", output, len(manifests), len(files))
+    return Catalog(con=con, manifests=manifests, layout=layout)
+
+
+def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views ``predictions``, ``latest`` and ``runs`` over ``output``.
+
+    Only files listed in committed run manifests are read (never a glob of the predictions folder), so a
+    crashed or uncommitted run is invisible. An output with no committed runs gives empty views.
+    """
+    return open_catalog(output, storage_options).con
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
+    """Run ``sql``; DuckDB's own message becomes a ``UserError``. Statements without a result give an empty table."""
+    try:
+        if params:
+            return con.sql(sql, params=params).to_arrow_table()
+        rel = con.sql(sql)
+        return pa.table({}) if rel is None else rel.to_arrow_table()
+    except duckdb.Error as err:
+        raise UserError(f"query failed: {err}") from None
+
+
+def query(
+    output: str, sql: str, *, storage_options: dict[str, Any] | None = None, params: list[Any] | None = None
+) -> pa.Table:
+    """Run one SQL statement (or several; the last one's result) over ``output``'s views."""
+    con = connect(output, storage_options)
+    try:
+        return run_sql(con, sql, params)
+    finally:
+        con.close()
+
+
+# --------------------------------------------------------------------------------------------- result formats
+def _plain(v: Any) -> Any:
+    """A JSON-safe value: timestamps as ISO strings, NaN/inf as null, bytes as hex."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, int | float | str | bool) or v is None:
+        return v
+    return str(v)
+
+
+def to_json_lines(table: pa.Table) -> bytes:
+    """One JSON object per row (JSON Lines)."""
+    return b"".join(
+        json.dumps(_plain(row), ensure_ascii=False).encode() + b"\n"
+        for row in table.to_pylist(maps_as_pydicts="strict")
+    )
+
+
+def to_csv(table: pa.Table) -> bytes:
+    """CSV with a header; nested values (lists, structs, maps) are written as JSON text."""
+    import pyarrow.csv as pacsv
+
+    cols = []
+    for field, col in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_nested(field.type):
+            text = [None if v is None else json.dumps(_plain(v), ensure_ascii=False) for v in col.to_pylist()]
+            cols.append(pa.array(text, pa.string()))
+        else:
+            cols.append(col)
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(pa.table(cols, names=table.column_names), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def to_parquet(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+# --------------------------------------------------------------------------------------------- similar
+def _label_columns(cat: Catalog, model_version: str) -> list[str]:
+    tasks: list[str] = []
+    for m in cat.manifests:
+        if m.get("model_version") == model_version:
+            tasks = list(m.get("tasks") or [])
+    present = set(cat.con.sql("SELECT * FROM predictions LIMIT 0").columns)
+    return [t for t in tasks if t in present]
+
+
+def _embed_image(image: str, model_uri: str, model_version: str, storage_options: dict[str, Any] | None) -> np.ndarray:
+    """The embedding of one image file by the model of the run being searched (refused if it changed since)."""
+    import fsspec
+
+    from catalog_tagger.decode import decode_image
+    from catalog_tagger.errors import DecodeError
+    from catalog_tagger.inference import prepare_for_inference, run_batch, select_device
+    from catalog_tagger.model import load_artifact
+
+    try:
+        model, card = load_artifact(model_uri)
+    except FileNotFoundError:
+        raise UserError(f"model {model_uri!r} (of the latest run) not found; pass --model") from None
+    if card.version != model_version:
+        raise UserError(
+            f"model {model_uri!r} is now version {card.version}, but the rows were tagged by {model_version}: "
+            "embeddings of different models are not comparable; pass --model with that version's artifact"
+        )
+    opts = storage_options if "://" in image and not is_local(image) else {}
+    try:
+        with fsspec.open(image, "rb", **(opts or {})) as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise UserError(f"{image}: no such image") from None
+    try:
+        dec = decode_image(data, card.image_size)
+    except DecodeError as err:
+        raise UserError(f"{image}: {err}") from None
+    model = prepare_for_inference(model, select_device("auto"))
+    batch = np.stack([dec.array])  # a writable copy: torch refuses read-only arrays
+    return run_batch(model, batch).output.embedding[0].numpy().astype(np.float32)
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=-1, keepdims=True)
+    return m / np.maximum(norms, 1e-12)
+
+
+def similar(
+    output: str,
+    uri: str | None = None,
+    image: str | None = None,
+    k: int = 10,
+    *,
+    model: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The ``k`` images of ``latest`` nearest to ``uri`` (a tagged image) or ``image`` (any image file).
+
+    Cosine similarity of the embeddings, brute force in numpy: the whole embedding matrix of the searched model
+    version is loaded (rows x dim x 4 bytes: about 2.3 GB for 10^6 rows of 576 floats). Only rows of one model
+    version are compared (embeddings of different models are not comparable): the query row's version for
+    ``uri``, the latest run's for ``image``. For ``uri`` the image itself comes first with similarity 1.0.
+    Each result: ``uri``, ``similarity`` and the row's label column per task.
+    """
+    if (uri is None) == (image is None):
+        raise UserError("give exactly one of --uri (an image in the catalog) or --image (an image file)")
+    if k < 1:
+        raise UserError(f"-k must be at least 1, not {k}")
+    cat = open_catalog(output, storage_options)
+    try:
+        if not cat.manifests:
+            raise UserError(f"no committed runs under {output}")
+        query_vec: np.ndarray | None = None
+        if uri is not None:
+            found = run_sql(cat.con, "SELECT model_version FROM latest WHERE uri = ?", [uri])
+            if found.num_rows == 0 and "://" not in uri and os.path.abspath(uri) != uri:
+                uri = os.path.abspath(uri)  # local catalogs store absolute paths
+                found = run_sql(cat.con, "SELECT model_version FROM latest WHERE uri = ?", [uri])
+            if found.num_rows == 0:
+                raise UserError(f"{uri} has no ok row in the latest predictions of {output} (not tagged, or an error)")
+            version = found.column("model_version")[0].as_py()
+        else:
+            latest = cat.manifest()
+            version = latest["model_version"]
+            query_vec = _embed_image(image, model or latest["model"], version, storage_options)
+        labels = _label_columns(cat, version)
+        cols = ", ".join(["uri", "embedding", *(sql_ident(t) for t in labels)])
+        rows = run_sql(cat.con, f"SELECT {cols} FROM latest WHERE model_version = ? ORDER BY uri", [version])
+    finally:
+        cat.con.close()
+    emb = rows.column("embedding").combine_chunks()
+    lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
+    if len(lengths) != 1:
+        raise UserError(f"embeddings of model {version} have mixed lengths {lengths}: the output is inconsistent")
+    matrix = _normalise(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(rows.num_rows, -1))
+    uris = rows.column("uri").to_pylist()
+    self_idx = uris.index(uri) if uri is not None else -1
+    q = matrix[self_idx] if query_vec is None else _normalise(query_vec.astype(np.float32))
+    sims = np.clip(matrix @ q, -1.0, 1.0)
+    if self_idx >= 0:
+        sims[self_idx] = 1.0  # cos(x, x) is 1 by definition; float rounding must not put a twin first
+    rank = sims.copy()
+    if self_idx >= 0:
+        rank[self_idx] = np.inf  # always in the top k, even among exact twins
+    k = min(k, len(uris))
+    top = np.argpartition(-rank, k - 1)[:k] if k < len(uris) else np.arange(len(uris))
+    # Highest similarity first; the query image before any exact twin; then by uri so ties are stable.
+    order = sorted(top.tolist(), key=lambda i: (-float(sims[i]), i != self_idx, uris[i]))
+    label_values = {t: rows.column(t).to_pylist() for t in labels}
+    return [{"uri": uris[i], "similarity": float(sims[i]), **{t: label_values[t][i] for t in labels}} for i in order]
