@@ -33,7 +33,9 @@ def _time(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def calibrate_single_task(model: MultiHeadModel, images: np.ndarray, repeats: int = CALIBRATION_REPEATS) -> dict[str, float]:
+def calibrate_single_task(
+    model: MultiHeadModel, images: np.ndarray, repeats: int = CALIBRATION_REPEATS
+) -> dict[str, float]:
     """Time, on the same batch and device, the multi-head model vs a single-task model of the same architecture.
 
     A single-task model is the backbone plus one head (the first task's), with the same input preparation.

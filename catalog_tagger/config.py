@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import re
 from dataclasses import dataclass
@@ -148,10 +149,8 @@ def _format_validation_error(err: ValidationError, data: Any, where: _Where) -> 
         if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
             idx = loc[1]
             name = None
-            try:
+            with contextlib.suppress(KeyError, IndexError, TypeError, AttributeError):
                 name = data["tasks"][idx].get("name")
-            except (KeyError, IndexError, TypeError, AttributeError):
-                pass
             task_part = f"task {name!r}" if name else f"task #{idx + 1}"
             field = ".".join(str(x) for x in loc[2:]) or "(task)"
         msg = e["msg"].removeprefix("Value error, ")

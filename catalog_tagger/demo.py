@@ -84,5 +84,7 @@ def run_demo(out: Path, *, images: int = 600, console: Console) -> dict:
     console.print(f"  model    {model_dir}  (model.json, model.safetensors, metrics.csv)")
     console.print(f"  output   {output}  (predictions/run_date=*/run_id=*/part-*.parquet, runs/*.json)")
     console.print(f"  report   {report_uri}")
-    console.print(f'  query    catalog-tagger query --output {output} "SELECT garment, count(*) FROM latest GROUP BY 1"')
+    console.print(
+        f'  query    catalog-tagger query --output {output} "SELECT garment, count(*) FROM latest GROUP BY 1"'
+    )
     return {"first": first, "second": second, "report": report_uri}

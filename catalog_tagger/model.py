@@ -206,7 +206,9 @@ def build_model(
     else:
         missing, unexpected = model.backbone.load_state_dict(_adapt_state(state, model.backbone), strict=False)
         if len(missing) > 0:
-            raise ArtifactError(f"pretrained weights for {backbone}: {len(missing)} backbone tensors missing, e.g. {missing[:3]}")
+            raise ArtifactError(
+                f"pretrained weights for {backbone}: {len(missing)} backbone tensors missing, e.g. {missing[:3]}"
+            )
         log.info("backbone %s: loaded pretrained weights (%d tensors ignored)", backbone, len(unexpected))
     return model
 
@@ -367,7 +369,9 @@ def load_card(uri: str | os.PathLike[str]) -> ModelCard:
         raise ArtifactError(f"{card_path}: invalid model card ({err})") from None
 
 
-def load_artifact(uri: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> tuple[MultiHeadModel, ModelCard]:
+def load_artifact(
+    uri: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[MultiHeadModel, ModelCard]:
     """Load a model artifact from a local path or any fsspec URL. Never unpickles anything."""
     uri = str(uri)
     card = load_card(uri)
@@ -379,9 +383,7 @@ def load_artifact(uri: str | os.PathLike[str], *, map_location: str | torch.devi
         blob = fh.read()
     if card.version and compute_version(blob, card) != card.version:
         raise ArtifactError(f"{uri}: weights do not match the card's version {card.version} (corrupt or edited)")
-    model = MultiHeadModel(
-        backbone=card.backbone, tasks=card.task_config(), mean=tuple(card.mean), std=tuple(card.std)
-    )
+    model = MultiHeadModel(backbone=card.backbone, tasks=card.task_config(), mean=tuple(card.mean), std=tuple(card.std))
     state = st_load(blob)
     model.load_state_dict(state, strict=True)
     model.to(map_location)

@@ -15,12 +15,7 @@ from catalog_tagger.model import build_model
 
 ONE = parse_tasks({"tasks": [{"name": "color", "kind": "multiclass", "labels": ["a", "b", "c"]}]})
 MANY = parse_tasks(
-    {
-        "tasks": [
-            {"name": f"t{i}", "kind": "multiclass", "labels": [f"l{j}" for j in range(50)]}
-            for i in range(6)
-        ]
-    }
+    {"tasks": [{"name": f"t{i}", "kind": "multiclass", "labels": [f"l{j}" for j in range(50)]} for i in range(6)]}
 )
 
 

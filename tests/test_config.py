@@ -46,7 +46,11 @@ def test_good_config_loads_with_defaults(tmp_path):
         ({"name": "uri", "kind": "multiclass", "labels": ["a", "b"]}, "name", "reserved"),
         ({"name": "color", "kind": "multilabel", "labels": ["a"], "threshold": 1.5}, "threshold", "outside (0, 1)"),
         ({"name": "color", "kind": "multilabel", "labels": ["a"], "threshold": 0.0}, "threshold", "outside (0, 1)"),
-        ({"name": "color", "kind": "multiclass", "labels": ["a", "b"], "threshold": 0.3}, "threshold", "only multilabel"),
+        (
+            {"name": "color", "kind": "multiclass", "labels": ["a", "b"], "threshold": 0.3},
+            "threshold",
+            "only multilabel",
+        ),
         ({"name": "color", "kind": "multiclass", "labels": ["a", "b"], "weight": -1}, "weight", "greater than 0"),
         ({"name": "color", "kind": "multiclass", "labels": ["a", "b"], "colour": 1}, "colour", "Extra inputs"),
     ],
