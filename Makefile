@@ -34,6 +34,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format catalog_tagger flows tests bench
 	$(VENV)/bin/ruff check --fix catalog_tagger flows tests bench
 
+# Local Prefect server + process work pool + the deployments of deploy/prefect.yaml + a worker (Ctrl-C stops them).
+deploy-local: $(STAMP)
+	bash deploy/local.sh
+
 bench: $(STAMP)
 	$(PY) -m bench.run
 

@@ -1,0 +1,104 @@
+"""Flow parameters as pydantic models: validated before any task runs, with the offending field named.
+
+The flows take flat keyword parameters (so ``prefect deployment run NAME -p source=...`` works and a deployment's
+defaults merge per key with a run's overrides) and build one of these models first thing. ``None`` means "not
+given": it is dropped so the model's default wins, and the defaults live in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR
+from catalog_tagger.cluster import ray_path
+from catalog_tagger.errors import ConfigError, UserError
+from catalog_tagger.job import TagJobConfig
+
+
+def _required_uri(name: str, v: str) -> str:
+    v = v.strip()
+    if not v:
+        raise ValueError(f"{name} is empty: pass -p {name}=... (or set it in the deployment's parameters)")
+    if "{{" in v:
+        # prefect.yaml keeps an unset {{ $ENV_VAR }} as literal text: the deploy-time default was never filled in.
+        raise ValueError(f"{name} is an unresolved template {v!r}: set the env var before `prefect deploy`, or -p")
+    return v
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls, flow: str, **values: Any):
+        """Build from flow arguments; unset (None) values are dropped so defaults win. Errors name the field."""
+        try:
+            return cls.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as err:
+            lines = [
+                f"{flow}: parameter {'.'.join(str(x) for x in e['loc']) or '(all)'}: {e['msg']}" for e in err.errors()
+            ]
+            raise ConfigError("invalid parameters\n" + "\n".join(lines)) from None
+
+
+class NightlyParams(_Params):
+    """Parameters of ``nightly_tagging`` (and ``backfill``, which forces ``full``)."""
+
+    source: str  # image prefix (dir, s3://bucket/prefix, any fsspec URL) or a .csv/.parquet manifest with `uri`
+    output: str  # output root: predictions/ and runs/ are written under it
+    model: str  # model artifact directory (path or fsspec URL)
+    ray_address: str | None = None  # local (default) | auto | ray://head:10001 | head:6379 | http://head:8265 (Jobs)
+    full: bool = False  # re-tag everything, not only new or changed images
+    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)  # USD per accelerator-hour (savings report)
+    limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
+    batch_size: int = Field(default=64, ge=1, le=4096)  # images per forward pass
+
+    @field_validator("source", "output", "model")
+    @classmethod
+    def _uri(cls, v: str, info) -> str:
+        return _required_uri(info.field_name, v)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        try:
+            ray_path(v)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return v.strip() if v else None
+
+    def job_config(self, run_id: str) -> TagJobConfig:
+        """The library's job config for one run (credentials come from the environment, never from here)."""
+        return TagJobConfig(run_id=run_id, **self.model_dump())
+
+
+class TrainParams(_Params):
+    """Parameters of ``train_model``: the subset of ``TrainConfig`` worth exposing on a deployment."""
+
+    tasks: str  # tasks.yaml (path or fsspec URL)
+    labels: str  # labels table (.parquet/.csv): uri + one column per task
+    out: str  # model artifact directory to write
+    backbone: str | None = None  # backbone registry name (default: TrainConfig's)
+    image_size: int | None = None  # square input size in pixels
+    epochs: int | None = None  # upper bound; early stopping usually ends sooner
+    batch_size: int | None = None  # global batch size
+    lr: float | None = None  # AdamW learning rate
+    patience: int | None = None  # early-stopping patience in epochs
+    workers: int | None = None  # >1: data-parallel on Ray Train
+    ray_address: str | None = None  # Ray cluster to train on
+    seed: int | None = None  # split, init, shuffling, augmentation
+    single_task: bool = False  # also train one model per task and write comparison.json
+    max_images: int | None = None  # use only the first N rows
+    device: str | None = None  # auto | cpu | cuda
+
+    @field_validator("tasks", "labels", "out")
+    @classmethod
+    def _uri(cls, v: str, info) -> str:
+        return _required_uri(info.field_name, v)
+
+    def train_config(self):
+        """The library's ``TrainConfig`` (its own checks run here: a bad value is a ``ConfigError``)."""
+        from catalog_tagger.train import TrainConfig
+
+        return TrainConfig.parse(**self.model_dump(), progress=False)
