@@ -138,6 +138,12 @@ def tag(
     full: Annotated[bool, typer.Option("--full", help="Re-tag everything, not only new or changed images.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Tag at most N images.")] = None,
     price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", help="USD per accelerator-hour for the savings report.")] = None,
+    allowed_root: Annotated[
+        str | None, typer.Option("--allowed-root", help="Refuse the run if any image uri resolves outside this folder.")
+    ] = None,
+    rows_per_shard: Annotated[
+        int | None, typer.Option("--rows-per-shard", min=1, hidden=True, help="Rows per part file (unit of resume).")
+    ] = None,
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -149,6 +155,10 @@ def tag(
                   batch_size=batch_size, actors=actors, device=device, full=full, limit=limit)
     if price_per_hour is not None:
         params["price_per_hour"] = price_per_hour
+    if allowed_root is not None:
+        params["allowed_root"] = allowed_root
+    if rows_per_shard is not None:
+        params["rows_per_shard"] = rows_per_shard
     cfg = _validated(TagJobConfig, params)
     with Progress(
         TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
@@ -177,10 +187,11 @@ def train(
     out: Annotated[str, typer.Option("--out", help="Model artifact directory to write.")],
     backbone: Annotated[str | None, typer.Option(help="Backbone registry name (default small_cnn).")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Input size in pixels (default 128).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs; early stopping may stop sooner.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs; early stopping may stop sooner (15).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Global batch size (default 64).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-3).")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (default 4).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="cosine (default) | plateau (ReduceLROnPlateau).")] = None,
     weights: Annotated[str | None, typer.Option(help="Pretrained backbone weights (.safetensors).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train data-parallel workers (>1 uses Ray).")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Train on this Ray cluster.")] = None,
@@ -198,8 +209,9 @@ def train(
 
     cfg = TrainConfig.parse(
         tasks=tasks, labels=labels, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
-        batch_size=batch_size, lr=lr, patience=patience, weights=weights, workers=workers, ray_address=ray_address,
-        seed=seed, single_task=single_task, max_images=max_images, color_jitter=color_jitter, device=device,
+        batch_size=batch_size, lr=lr, patience=patience, scheduler=scheduler, weights=weights, workers=workers,
+        ray_address=ray_address, seed=seed, single_task=single_task, max_images=max_images,
+        color_jitter=color_jitter, device=device,
     )  # fmt: skip
     res = run_training(cfg)
     n_test = res.card.training["split"]["counts"]["test"]

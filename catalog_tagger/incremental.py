@@ -34,9 +34,8 @@ class Work:
     resumed_uris: list[str] = field(default_factory=list)  # already staged by an earlier attempt of this run
 
 
-def previous_rows(layout: Layout, model_version: str) -> pa.Table | None:
-    """The latest committed row per uri for this model version (ok rows, and errors that retrying cannot fix)."""
-    files = ledger.committed_files(layout, model_version=model_version)
+def _final_rows(layout: Layout, files: list[str]) -> pa.Table | None:
+    """Committed rows that settle an image: ok rows, and errors that retrying cannot fix."""
     if not files:
         return None
     fs = filesystem(layout.output, layout.storage_options)
@@ -45,7 +44,13 @@ def previous_rows(layout: Layout, model_version: str) -> pa.Table | None:
     # Read errors (I/O, 404) are retried next run; decode errors of unchanged bytes are not.
     keep = pc.or_(pc.equal(table["status"], "ok"), pc.starts_with(pc.fill_null(table["error"], ""), "decode:"))
     table = table.filter(keep)
-    if table.num_rows == 0:
+    return table if table.num_rows else None
+
+
+def previous_rows(layout: Layout, model_version: str) -> pa.Table | None:
+    """The latest committed row per uri for this model version (ok rows, and errors that retrying cannot fix)."""
+    table = _final_rows(layout, ledger.committed_files(layout, model_version=model_version))
+    if table is None:
         return None
     import duckdb
 
@@ -114,3 +119,55 @@ def plan_work(
     if unchanged:
         notes.append(f"incremental: {unchanged} image(s) unchanged since the last committed run of this model")
     return Work(table=work.cast(WORK_SCHEMA), unchanged=unchanged, resumed_uris=resumed), notes
+
+
+# ------------------------------------------------------------------------------------------ concurrent runs
+def committed_meanwhile(
+    layout: Layout,
+    *,
+    model_version: str,
+    run_id: str,
+    known_runs: list[str] | None,
+    started_at: str,
+) -> tuple[pa.Table | None, list[str]]:
+    """Rows settled by runs of this model version that committed after this run planned its work.
+
+    ``known_runs`` are the runs already committed when this run first planned (its diff excluded their images);
+    any other committed run may have tagged the same images concurrently. Without ``known_runs`` (a run staged by
+    an older version), runs that finished at or after ``started_at`` count. Call under the commit lock.
+    """
+    known = set(known_runs) if known_runs is not None else None
+    newer = [
+        m
+        for m in ledger.committed_manifests(layout)
+        if m.get("model_version") == model_version
+        and m.get("run_id") != run_id
+        and (m.get("run_id") not in known if known is not None else m.get("finished_at", "") >= started_at)
+    ]
+    files = [layout.abs(f["path"]) for m in newer for f in m.get("files", [])]
+    return _final_rows(layout, files), [m["run_id"] for m in newer]
+
+
+def already_committed(staged: pa.Table, other: pa.Table) -> pa.Array:
+    """Boolean mask over ``staged``: rows whose uri was settled by ``other`` with the same identity (etag; else
+    size + mtime; else the bytes' hash), so committing them again would duplicate the image.
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("staged", staged.select(["uri", "size", "etag", "mtime", "content_hash"]))
+    con.register("other", other.select(["uri", "size", "etag", "mtime", "content_hash"]))
+    dup = con.sql(
+        """
+        SELECT DISTINCT s.uri FROM staged s JOIN other o USING (uri)
+        WHERE CASE
+          WHEN s.etag IS NOT NULL AND o.etag IS NOT NULL THEN s.etag = o.etag
+          WHEN s.size IS NOT NULL AND s.mtime IS NOT NULL AND o.size IS NOT NULL AND o.mtime IS NOT NULL
+            THEN s.size = o.size AND s.mtime = o.mtime
+          WHEN s.content_hash IS NOT NULL AND o.content_hash IS NOT NULL THEN s.content_hash = o.content_hash
+          ELSE FALSE
+        END
+        """
+    ).to_arrow_table()
+    con.close()
+    return pc.is_in(staged["uri"], value_set=dup["uri"].combine_chunks())

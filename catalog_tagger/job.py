@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
 import time
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -16,20 +19,44 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from catalog_tagger import ledger
+from catalog_tagger import incremental, ledger
 from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR, compute_savings
 from catalog_tagger.errors import ArtifactError, UserError
 from catalog_tagger.incremental import plan_work
 from catalog_tagger.ledger import Layout
-from catalog_tagger.model import load_card
-from catalog_tagger.predictor import ACCEL_COL, CALIB_COL, DECODE_COL, STATUS_UNCHANGED, DecodeStage, Predictor
+from catalog_tagger.model import CARD_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, load_card
+from catalog_tagger.predictor import (
+    ACCEL_COL,
+    CALIB_COL,
+    DECODE_COL,
+    STATUS_UNCHANGED,
+    DecodeStage,
+    FaultInjection,
+    Predictor,
+)
 from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
-from catalog_tagger.sources import list_source
-from catalog_tagger.storage import filesystem, strip
+from catalog_tagger.sources import list_source, refuse_outside_root
+from catalog_tagger.storage import (
+    OutputWriteError,
+    filesystem,
+    is_local,
+    is_storage_error,
+    is_transient,
+    redact,
+    retry_transient,
+    strip,
+)
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+
+# Ray Data is at-least-once either way (the driver dedups by uri); these make a killed actor or task recover
+# instead of failing the run, and bound the retries of a batch that kills its actor every time (poison batch).
+# Set explicitly rather than inherited from Ray's defaults, which change between releases.
+ACTOR_MAX_RESTARTS = -1  # restart a dead Predictor without limit (preemptions over a long night)...
+ACTOR_MAX_TASK_RETRIES = 3  # ...but retry one batch at most 3 times after its actor died
+DECODE_MAX_RETRIES = 3  # decode tasks whose worker process died
 
 
 class TagJobConfig(BaseModel):
@@ -50,8 +77,9 @@ class TagJobConfig(BaseModel):
     rows_per_shard: int = Field(default=20_000, ge=1)  # rows per part file = unit of resume
     price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)
     calibrate: bool = True  # time a single-task model at actor start for the savings report
-    storage_options: dict[str, Any] | None = None  # fsspec options for source and output (never logged)
+    storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
     decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
+    allowed_root: str | None = None  # if set, every image uri must resolve inside it, else the run is refused
 
     @field_validator("run_id")
     @classmethod
@@ -75,6 +103,7 @@ class RunResult:
     manifest: dict[str, Any] | None
     output: str
     notes: list[str] = field(default_factory=list)
+    resumed: int = 0  # images staged by an earlier attempt of this run id, not tagged again
 
     @property
     def images_per_s(self) -> float:
@@ -90,12 +119,49 @@ def _check_output_writable(cfg: TagJobConfig) -> None:
     fs = filesystem(cfg.output, cfg.storage_options)
     root = strip(cfg.output)
     probe = f"{root.rstrip('/')}/_staging/.write-probe-{uuid.uuid4().hex}"
-    try:
+
+    def write_probe() -> None:
         fs.makedirs(os.path.dirname(probe), exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
+
+    try:
+        retry_transient(write_probe, f"write probe {redact(cfg.output)}")
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot write there"
-        raise UserError(f"output {cfg.output!r} is not writable: {type(err).__name__}: {err}") from None
+        raise UserError(f"output {redact(cfg.output)!r} is not writable: {type(err).__name__}: {err}") from None
+
+
+def _check_model_weights(uri: str) -> None:
+    """A card without safetensors weights is refused here, before Ray: pickle checkpoints are never loaded."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return  # load_card already said what is wrong
+    if WEIGHTS_FILE in names:
+        return
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    found = (
+        f"; it holds pickle checkpoint(s) {pickles}, and pickle is refused (loading one can run code)"
+        if pickles
+        else ""
+    )
+    raise ArtifactError(
+        f"{redact(uri)}: {CARD_FILE} but no {WEIGHTS_FILE}{found}. A model artifact is safetensors weights + "
+        f"{CARD_FILE} (catalog-tagger train and init-model write that)"
+    )
+
+
+def _check_allowed_root(cfg: TagJobConfig) -> None:
+    root = cfg.allowed_root
+    if root is None:
+        return
+    if is_local(root) and not os.path.isdir(strip(root)):
+        raise UserError(f"allowed_root {root!r} is not an existing local folder")
+    if not is_local(root) and not strip(root).strip("/"):
+        raise UserError(f"allowed_root {root!r} must name a bucket or prefix, not a whole store")
 
 
 def validate(cfg: TagJobConfig) -> None:
@@ -105,7 +171,9 @@ def validate(cfg: TagJobConfig) -> None:
     except ArtifactError:
         raise
     except FileNotFoundError:
-        raise UserError(f"model {cfg.model!r} not found") from None
+        raise UserError(f"model {redact(cfg.model)!r} not found") from None
+    _check_model_weights(cfg.model)
+    _check_allowed_root(cfg)
     _check_source_exists(cfg)
     _check_output_writable(cfg)
 
@@ -115,9 +183,9 @@ def _check_source_exists(cfg: TagJobConfig) -> None:
     try:
         found = fs.exists(strip(cfg.source))
     except Exception as err:  # noqa: BLE001 - permission, bad bucket, bad credentials...
-        raise UserError(f"source {cfg.source!r} cannot be read: {type(err).__name__}: {err}") from None
+        raise UserError(f"source {redact(cfg.source)!r} cannot be read: {type(err).__name__}: {err}") from None
     if not found:
-        raise UserError(f"source {cfg.source!r} does not exist or is not readable")
+        raise UserError(f"source {redact(cfg.source)!r} does not exist or is not readable")
 
 
 def init_ray(address: str | None) -> None:
@@ -171,31 +239,39 @@ def _build_dataset(cfg: TagJobConfig, work: pa.Table, model_version: str, image_
     plan = _plan_resources(cfg)
     block_rows = max(1, min(cfg.batch_size, math.ceil(work.num_rows / 4)))
     ds = ray.data.from_arrow(work).repartition(max(1, math.ceil(work.num_rows / block_rows)))
-    ds = ds.map_batches(
-        DecodeStage(image_size=image_size, storage_options=cfg.storage_options),
-        batch_format="pyarrow",
-        batch_size=block_rows,
-        num_cpus=plan["decode_cpus"],
-        zero_copy_batch=True,
-    )
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model_uri": cfg.model,
-            "run_id": run_id,
-            "tagged_at": tagged_at,
-            "device": "cuda" if plan["num_gpus"] else "cpu",
-            "storage_options": cfg.storage_options,
-            "calibrate": cfg.calibrate,
-            "threads": plan["threads"],
-        },
-        batch_format="numpy",
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_gpus=plan["num_gpus"],
-        num_cpus=plan["num_cpus"],
-        zero_copy_batch=True,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 flags every extra remote arg (max_restarts...) as deprecated, with no named replacement yet.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            DecodeStage(image_size=image_size, storage_options=cfg.storage_options, allowed_root=cfg.allowed_root),
+            batch_format="pyarrow",
+            batch_size=block_rows,
+            num_cpus=plan["decode_cpus"],
+            zero_copy_batch=True,
+            max_retries=DECODE_MAX_RETRIES,
+        )
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={
+                "model_uri": cfg.model,
+                "run_id": run_id,
+                "tagged_at": tagged_at,
+                "device": "cuda" if plan["num_gpus"] else "cpu",
+                "storage_options": cfg.storage_options,
+                "calibrate": cfg.calibrate,
+                "threads": plan["threads"],
+                # Test-only faults come from the DRIVER's environment: the actors' may predate the test's settings.
+                "faults": FaultInjection.from_env(),
+            },
+            batch_format="numpy",
+            batch_size=cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+            num_gpus=plan["num_gpus"],
+            num_cpus=plan["num_cpus"],
+            zero_copy_batch=True,
+            max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=ACTOR_MAX_TASK_RETRIES,
+        )
     return ds, plan
 
 
@@ -209,7 +285,15 @@ class _ShardWriter:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.shards: list[ledger.Shard] = []
-        self.totals = {"ok": 0, "error": 0, "unchanged": 0, "duplicates": 0, "accel_s": 0.0, "decode_s": 0.0, "single_s": 0.0}
+        self.totals = {
+            "ok": 0,
+            "error": 0,
+            "unchanged": 0,
+            "duplicates": 0,
+            "accel_s": 0.0,
+            "decode_s": 0.0,
+            "single_s": 0.0,
+        }
 
     def add(self, table: pa.Table) -> int:
         uris = table.column("uri").to_pylist()
@@ -255,11 +339,29 @@ class _ShardWriter:
         }
         table = table.drop_columns([ACCEL_COL, CALIB_COL, DECODE_COL])
         stats = {**_table_stats(table), **timing}
-        shard = ledger.write_shard(self.layout, self.run_id, self.index, table, stats)
+        with _output_errors(self.run_id, self.layout.output):
+            shard = ledger.write_shard(self.layout, self.run_id, self.index, table, stats)
         self.shards.append(shard)
         self.totals["ok"] += stats["ok"]
         self.totals["error"] += stats["error"]
         self.index += 1
+
+
+@contextmanager
+def _output_errors(run_id: str, output: str) -> Iterator[None]:
+    """Turn a store's final refusal of a write into one clear error saying what was kept and how to resume."""
+    try:
+        yield
+    except (UserError, ledger.CommitLockTimeout, ledger.CommitLockLost):
+        raise
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        hint = f"run {run_id} is not committed; its staged shards are kept: rerun with --run-id {run_id} to resume"
+        if is_transient(err):  # retries exhausted: let the caller (Prefect) retry the whole run, which resumes
+            log.error("writing to %s kept failing (%s: %s); %s", redact(output), type(err).__name__, err, hint)
+            raise
+        raise OutputWriteError(f"cannot write to output {redact(output)}: {type(err).__name__}: {err}; {hint}") from err
 
 
 def _table_stats(table: pa.Table) -> dict[str, Any]:
@@ -284,30 +386,21 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
         return _result_from_manifest(existing, cfg.output, time.perf_counter() - t_start)
     if ledger.pending_commit(layout, run_id):
         log.info("run %s: finishing an interrupted commit", run_id)
-        manifest = ledger.finish_commit(layout, run_id)
+        with _output_errors(run_id, cfg.output), ledger.commit_lock(layout, run_id) as lock:
+            manifest = ledger.read_json(layout.manifest(run_id), cfg.storage_options)
+            if manifest is None:
+                manifest = ledger.finish_commit(layout, run_id, heartbeat=lock.refresh)
         return _result_from_manifest(manifest, cfg.output, time.perf_counter() - t_start)
 
-    state_uri = ledger.join(layout.staging(run_id), "_run.json")
-    state = ledger.read_json(state_uri, cfg.storage_options)
-    if state is not None and state.get("model_version") != card.version:
-        raise UserError(
-            f"run {run_id} was started with model {state.get('model_version')}, not {card.version}: use a new run id"
-        )
-    if state is None:
-        now = datetime.now(UTC)
-        state = {
-            "run_id": run_id,
-            "run_date": now.strftime("%Y-%m-%d"),
-            "started_at": now.isoformat(timespec="seconds"),
-            "model_version": card.version,
-            "source": cfg.source,
-        }
-        ledger.write_json(state_uri, state, cfg.storage_options)
-    tagged_at = datetime.fromisoformat(state["started_at"])
-
+    # List (and refuse uris outside the allowed root) before anything is written for this run.
     t0 = time.perf_counter()
     listing = list_source(cfg.source, cfg.storage_options, limit=cfg.limit)
     list_s = time.perf_counter() - t0
+    if cfg.allowed_root is not None:
+        refuse_outside_root(listing, cfg.source, cfg.allowed_root)
+
+    state = _run_state(layout, run_id, card.version, cfg)
+    tagged_at = datetime.fromisoformat(state["started_at"])
     done = ledger.done_shards(layout, run_id)
     work, plan_notes = plan_work(layout, listing.table, model_version=card.version, full=cfg.full, resumed_shards=done)
     notes = listing.notes + plan_notes
@@ -321,7 +414,9 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
         f", {len(seen)} already staged (resumed)" if seen else "",
     )
 
-    writer = _ShardWriter(layout, run_id, cfg.rows_per_shard, seen, next_index=max((s.index for s in done), default=-1) + 1)
+    writer = _ShardWriter(
+        layout, run_id, cfg.rows_per_shard, seen, next_index=max((s.index for s in done), default=-1) + 1
+    )
     t_pipe = time.perf_counter()
     plan: dict[str, Any] = {}
     if total:
@@ -341,16 +436,8 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
         writer.flush()
     pipeline_s = time.perf_counter() - t_pipe
 
-    shards = done + writer.shards
-    ok = sum(int(s.stats.get("ok", 0)) for s in shards)
-    err = sum(int(s.stats.get("error", 0)) for s in shards)
-    # Timings come from the shard stats, so a resumed run still accounts for the shards of earlier attempts.
-    accel_s = sum(float(s.stats.get("accel_s", 0.0)) for s in shards)
-    single_s = sum(float(s.stats.get("single_s", 0.0)) for s in shards)
-    decode_s = sum(float(s.stats.get("decode_s", 0.0)) for s in shards)
-    if not shards:
+    def nothing(msg: str, extra_notes: list[str] | None = None) -> RunResult:
         ledger.clear_staging(layout, run_id)
-        msg = "nothing to do: no new or changed images" if listing.table.num_rows else "nothing to do: the source has no images"
         log.info("run %s: %s", run_id, msg)
         return RunResult(
             run_id=run_id,
@@ -362,54 +449,84 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
             wall_s=time.perf_counter() - t_start,
             manifest=None,
             output=cfg.output,
-            notes=[*notes, msg],
+            notes=[*notes, *(extra_notes or []), msg],
+            resumed=len(work.resumed_uris),
         )
-    savings = compute_savings(
-        images=ok,
-        tasks=len(card.tasks),
-        device="cuda" if plan.get("num_gpus") else "cpu",
-        multi_s=accel_s,
-        single_s=single_s,
-        decode_s=decode_s,
-        price_per_hour=cfg.price_per_hour,
-        method="calibrated" if cfg.calibrate else "none",
-    )
-    wall_s = time.perf_counter() - t_start
-    manifest = {
-        "run_id": run_id,
-        "run_date": state["run_date"],
-        "started_at": state["started_at"],
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": cfg.model,
-        "model_version": card.version,
-        "source": cfg.source,
-        "schema_version": OUTPUT_SCHEMA_VERSION,
-        "tasks": [t["name"] for t in card.tasks],
-        "incremental": not cfg.full,
-        "counts": {
-            "listed": listing.table.num_rows,
-            "to_tag": total + len(work.resumed_uris),
-            "unchanged": work.unchanged + writer.totals["unchanged"],
-            "rows": ok + err,
-            "ok": ok,
-            "error": err,
-            "skipped_non_image": listing.skipped_non_image,
-            "duplicate_uris": listing.duplicates,
-            "retried_duplicates_dropped": writer.totals["duplicates"],
-        },
-        "timings": {
-            "wall_s": round(wall_s, 3),
-            "list_s": round(list_s, 3),
-            "pipeline_s": round(pipeline_s, 3),
-            "accel_s": accel_s,
-            "decode_cpu_s": decode_s,
-            "images_per_s": round(writer.totals["ok"] / pipeline_s, 2) if pipeline_s > 0 else None,
-        },
-        "resources": {k: v for k, v in plan.items()},
-        "savings": savings.to_dict(),
-        "notes": notes,
-    }
-    committed = ledger.commit(layout, run_id, state["run_date"], shards, manifest)
+
+    shards = done + writer.shards
+    if not shards:
+        empty = "nothing to do: the source has no images"
+        return nothing("nothing to do: no new or changed images" if listing.table.num_rows else empty)
+
+    with _output_errors(run_id, cfg.output), ledger.commit_lock(layout, run_id) as lock:
+        # Under the lock: another process may have committed this very run id, or other runs the same images.
+        already = ledger.read_json(layout.manifest(run_id), cfg.storage_options)
+        if already is not None:
+            log.warning("run %s was committed by another process meanwhile; not committing it twice", run_id)
+            return _result_from_manifest(already, cfg.output, time.perf_counter() - t_start)
+        shards, dropped, meanwhile = _drop_committed_meanwhile(layout, run_id, state, card.version, shards)
+        if meanwhile and dropped:
+            notes.append(
+                f"concurrent runs: {dropped} image(s) were committed meanwhile by run(s) {', '.join(meanwhile)} "
+                "with the same model and bytes; not committed twice"
+            )
+        if not shards:
+            return nothing(f"nothing to commit: every tagged image was committed meanwhile by {', '.join(meanwhile)}")
+
+        ok = sum(int(s.stats.get("ok", 0)) for s in shards)
+        err = sum(int(s.stats.get("error", 0)) for s in shards)
+        # Timings come from the shard stats, so a resumed run still accounts for the shards of earlier attempts.
+        accel_s = sum(float(s.stats.get("accel_s", 0.0)) for s in shards)
+        single_s = sum(float(s.stats.get("single_s", 0.0)) for s in shards)
+        decode_s = sum(float(s.stats.get("decode_s", 0.0)) for s in shards)
+        savings = compute_savings(
+            images=ok,
+            tasks=len(card.tasks),
+            device="cuda" if plan.get("num_gpus") else "cpu",
+            multi_s=accel_s,
+            single_s=single_s,
+            decode_s=decode_s,
+            price_per_hour=cfg.price_per_hour,
+            method="calibrated" if cfg.calibrate else "none",
+        )
+        wall_s = time.perf_counter() - t_start
+        manifest = {
+            "run_id": run_id,
+            "run_date": state["run_date"],
+            "started_at": state["started_at"],
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": redact(cfg.model),
+            "model_version": card.version,
+            "source": redact(cfg.source),
+            "schema_version": OUTPUT_SCHEMA_VERSION,
+            "tasks": [t["name"] for t in card.tasks],
+            "incremental": not cfg.full,
+            "counts": {
+                "listed": listing.table.num_rows,
+                "to_tag": total + len(work.resumed_uris),
+                "unchanged": work.unchanged + writer.totals["unchanged"],
+                "rows": ok + err,
+                "ok": ok,
+                "error": err,
+                "skipped_non_image": listing.skipped_non_image,
+                "duplicate_uris": listing.duplicates,
+                "retried_duplicates_dropped": writer.totals["duplicates"],
+                "resumed": len(work.resumed_uris),
+                "committed_meanwhile_dropped": dropped,
+            },
+            "timings": {
+                "wall_s": round(wall_s, 3),
+                "list_s": round(list_s, 3),
+                "pipeline_s": round(pipeline_s, 3),
+                "accel_s": accel_s,
+                "decode_cpu_s": decode_s,
+                "images_per_s": round(writer.totals["ok"] / pipeline_s, 2) if pipeline_s > 0 else None,
+            },
+            "resources": {k: v for k, v in plan.items()},
+            "savings": savings.to_dict(),
+            "notes": notes,
+        }
+        committed = ledger.commit(layout, run_id, state["run_date"], shards, manifest, heartbeat=lock.refresh)
     return RunResult(
         run_id=run_id,
         listed=listing.table.num_rows,
@@ -421,7 +538,70 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
         manifest=committed,
         output=cfg.output,
         notes=notes,
+        resumed=len(work.resumed_uris),
     )
+
+
+def _run_state(layout: Layout, run_id: str, model_version: str, cfg: TagJobConfig) -> dict[str, Any]:
+    """This run's ``_run.json`` (created on its first attempt, read back when resuming)."""
+    state_uri = ledger.join(layout.staging(run_id), "_run.json")
+    state = ledger.read_json(state_uri, cfg.storage_options)
+    if state is not None and state.get("model_version") != model_version:
+        raise UserError(
+            f"run {run_id} was started with model {state.get('model_version')}, not {model_version}: use a new run id"
+        )
+    if state is None:
+        now = datetime.now(UTC)
+        state = {
+            "run_id": run_id,
+            "run_date": now.strftime("%Y-%m-%d"),
+            "started_at": now.isoformat(timespec="seconds"),
+            "model_version": model_version,
+            "source": redact(cfg.source),
+            # Runs committed before this one planned its work: any other run that commits before us may have
+            # tagged the same images concurrently, and is checked under the commit lock.
+            "known_runs": ledger.committed_run_ids(layout),
+        }
+        with _output_errors(run_id, cfg.output):
+            ledger.write_json(state_uri, state, cfg.storage_options)
+    return state
+
+
+def _drop_committed_meanwhile(
+    layout: Layout, run_id: str, state: dict[str, Any], model_version: str, shards: list[ledger.Shard]
+) -> tuple[list[ledger.Shard], int, list[str]]:
+    """Unstage rows whose image another run committed (same model, same bytes) after this run planned.
+
+    Two runs started at once plan the same new images; the second to take the commit lock drops them here, so
+    each image is committed once. Shards are rewritten in place (parquet, then stats): idempotent on a rerun.
+    """
+    other, meanwhile = incremental.committed_meanwhile(
+        layout,
+        model_version=model_version,
+        run_id=run_id,
+        known_runs=state.get("known_runs"),
+        started_at=state["started_at"],
+    )
+    if other is None:
+        return shards, 0, meanwhile
+    kept: list[ledger.Shard] = []
+    dropped = 0
+    for shard in sorted(shards, key=lambda s: s.index):
+        table = ledger.read_shard(layout, shard)
+        dup = incremental.already_committed(table, other)
+        n_dup = int(pc.sum(dup).as_py() or 0)
+        dropped += n_dup
+        if n_dup == table.num_rows:
+            ledger.remove_shard(layout, run_id, shard)
+            continue
+        if n_dup or int(shard.stats.get("rows", -1)) != table.num_rows:
+            table = table.filter(pc.invert(dup))
+            timing = {k: shard.stats[k] for k in ("accel_s", "single_s", "decode_s") if k in shard.stats}
+            shard = ledger.write_shard(layout, run_id, shard.index, table, {**_table_stats(table), **timing})
+        kept.append(shard)
+    if dropped:
+        log.warning("run %s: %d image(s) were committed meanwhile by %s; dropped", run_id, dropped, meanwhile)
+    return kept, dropped, meanwhile
 
 
 def _result_from_manifest(m: dict[str, Any], output: str, wall_s: float) -> RunResult:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ import pyarrow as pa
 from catalog_tagger.decode import content_hash, decode_image
 from catalog_tagger.errors import DecodeError
 from catalog_tagger.schema import STATUS_ERROR, STATUS_OK, output_schema
-from catalog_tagger.storage import filesystem, strip
+from catalog_tagger.storage import filesystem, retry_transient, strip, within_root
 
 log = logging.getLogger(__name__)
 
@@ -27,33 +27,37 @@ DECODE_COL = "_decode_s"
 CALIB_COL = "_single_task_s"
 
 READ_ATTEMPTS = 5
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
-
-def _is_transient(err: BaseException) -> bool:
-    if isinstance(err, _PERMANENT):
-        return False
-    text = f"{type(err).__name__} {err}"
-    return isinstance(err, (ConnectionError, TimeoutError, OSError)) or any(
-        s in text for s in ("SlowDown", "503", "500", "Throttl", "RequestTimeout", "reset", "ServiceUnavailable")
-    )
+# Test-only fault injection (see FaultInjection): read by the DRIVER and passed to the actors' constructor, since
+# variables set in a test process after Ray started never reach Ray's worker processes.
+ENV_KILL_AT_BATCH = "CATALOG_TAGGER_TEST_KILL_ACTOR_AT_BATCH"
+ENV_KILL_MARKER = "CATALOG_TAGGER_TEST_KILL_MARKER"
+ENV_BATCH_DELAY_S = "CATALOG_TAGGER_TEST_BATCH_DELAY_S"
 
 
 def read_with_retries(uri: str, storage_options: dict[str, Any] | None, attempts: int = READ_ATTEMPTS) -> bytes:
     """Read an object's bytes, retrying transient store errors with jittered exponential backoff."""
-    delay = 0.2
-    for attempt in range(1, attempts + 1):
-        try:
-            fs = filesystem(uri, storage_options)
-            path = strip(uri)
-            return fs.cat_file(path)
-        except Exception as err:  # noqa: BLE001 - classified below
-            if attempt == attempts or not _is_transient(err):
-                raise
-            log.warning("read %s failed (%s), retry %d/%d", uri, err, attempt, attempts - 1)
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+    fs = filesystem(uri, storage_options)
+    return retry_transient(lambda: fs.cat_file(strip(uri)), f"read {uri}", attempts=attempts)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test-only faults for a Predictor: ``os._exit`` at batch k (once per marker file), or a sleep per batch."""
+
+    kill_at_batch: int = 0  # 0: never
+    kill_marker: str | None = None  # O_EXCL-created on the first kill, so a restarted actor does not die again
+    batch_delay_s: float = 0.0  # slow every batch down (lets a test kill the driver mid-run)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FaultInjection | None:
+        env = os.environ if env is None else env
+        faults = cls(
+            kill_at_batch=int(env.get(ENV_KILL_AT_BATCH, "0") or 0),
+            kill_marker=env.get(ENV_KILL_MARKER) or None,
+            batch_delay_s=float(env.get(ENV_BATCH_DELAY_S, "0") or 0),
+        )
+        return faults if faults.kill_at_batch or faults.batch_delay_s else None
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class DecodeStage:
     """Ray Data task: uri rows -> bytes -> uint8 arrays, one row per input, failures as error rows."""
 
     image_size: int
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials: never in a repr
+    allowed_root: str | None = None  # re-checked just before each read (a symlink may have changed since listing)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         n = batch.num_rows
@@ -76,6 +81,9 @@ class DecodeStage:
         decode_s = np.zeros(n, dtype=np.float64)
         for i, uri in enumerate(uris):
             t0 = time.process_time()
+            if self.allowed_root is not None and not within_root(uri, self.allowed_root):
+                status[i], error[i] = STATUS_ERROR, f"read: refused: outside the allowed root {self.allowed_root}"
+                continue
             try:
                 data = read_with_retries(uri, self.storage_options)
             except Exception as err:  # noqa: BLE001 - every failure becomes this image's error row
@@ -123,6 +131,7 @@ class Predictor:
         storage_options: dict[str, Any] | None = None,
         calibrate: bool = True,
         threads: int | None = None,
+        faults: FaultInjection | None = None,
     ) -> None:
         import torch
 
@@ -139,22 +148,28 @@ class Predictor:
         self.run_id = run_id
         self.tagged_at = tagged_at
         self.batches = 0
-        self._fault_at = int(os.environ.get("CATALOG_TAGGER_TEST_KILL_ACTOR_AT_BATCH", "0") or 0)
+        self.faults = faults if faults is not None else FaultInjection.from_env()
         self.calibration: dict[str, float] | None = None
         self.calibrate = calibrate
         log.info("predictor on %s (torch threads %d)", self.device, torch.get_num_threads())
 
     def _maybe_fault(self) -> None:
         # Test-only fault injection: the first actor to reach batch k exits hard, once per marker file.
-        if not self._fault_at or self.batches != self._fault_at:
+        f = self.faults
+        if f is None:
             return
-        marker = os.environ.get("CATALOG_TAGGER_TEST_KILL_MARKER")
+        if f.batch_delay_s:
+            time.sleep(f.batch_delay_s)
+        if not f.kill_at_batch or self.batches != f.kill_at_batch:
+            return
+        marker = f.kill_marker
         if marker:
             try:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return
             os.close(fd)
+        log.warning("test fault injection: predictor exits hard at batch %d", self.batches)
         os._exit(13)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -182,7 +197,13 @@ class Predictor:
         return self._to_table(batch, ok, cols, n, accel_s, single_s)
 
     def _to_table(
-        self, batch: dict[str, np.ndarray], ok: np.ndarray, cols: dict[str, Any], n: int, accel_s: float, single_s: float
+        self,
+        batch: dict[str, np.ndarray],
+        ok: np.ndarray,
+        cols: dict[str, Any],
+        n: int,
+        accel_s: float,
+        single_s: float,
     ) -> pa.Table:
         pos = np.full(n, -1, dtype=np.int64)
         pos[ok] = np.arange(len(ok))
@@ -205,7 +226,9 @@ class Predictor:
             "status": batch["status"].tolist(),
             "error": clean(batch["error"]),
             "width": [int(w) if s == STATUS_OK else None for w, s in zip(batch["width"], batch["status"], strict=True)],
-            "height": [int(h) if s == STATUS_OK else None for h, s in zip(batch["height"], batch["status"], strict=True)],
+            "height": [
+                int(h) if s == STATUS_OK else None for h, s in zip(batch["height"], batch["status"], strict=True)
+            ],
         }
         for task in self.tasks.tasks:
             if task.kind == "multiclass":
@@ -225,13 +248,13 @@ class Predictor:
         else:
             emb = pa.nulls(n, type=emb_type)
         arrays = []
-        for field in self.schema:
-            if field.name == "embedding":
+        for fld in self.schema:
+            if fld.name == "embedding":
                 arrays.append(emb)
-            elif field.name == "tagged_at":
-                arrays.append(pa.array([self.tagged_at] * n, type=field.type))
+            elif fld.name == "tagged_at":
+                arrays.append(pa.array([self.tagged_at] * n, type=fld.type))
             else:
-                arrays.append(pa.array(data[field.name], type=field.type))
+                arrays.append(pa.array(data[fld.name], type=fld.type))
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         # Per-row share of this batch's busy time: the driver sums them (rows may arrive in any order).
         share = np.full(n, accel_s / n if n else 0.0)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from catalog_tagger.decode import IMAGE_EXTENSIONS
 from catalog_tagger.errors import UserError
-from catalog_tagger.storage import filesystem, is_local, protocol_of, strip, unstrip
+from catalog_tagger.storage import filesystem, is_local, protocol_of, redact, strip, unstrip, within_root
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,24 @@ def list_source(source: str, storage_options: dict[str, Any] | None = None, *, l
     listing = read_manifest(source, storage_options) if is_manifest(source) else list_prefix(source, storage_options)
     if limit is not None and listing.table.num_rows > limit:
         listing.table = listing.table.slice(0, limit)
-    log.info("source %s: %d image(s)%s", source, listing.table.num_rows, "; " + "; ".join(listing.notes) if listing.notes else "")
+    notes = "; " + "; ".join(listing.notes) if listing.notes else ""
+    log.info("source %s: %d image(s)%s", redact(source), listing.table.num_rows, notes)
     return listing
+
+
+def refuse_outside_root(listing: Listing, source: str, root: str, *, show: int = 10) -> None:
+    """Refuse the whole run when any listed uri escapes ``root`` (absolute paths elsewhere, ``..``, symlinks that
+    resolve outside, other schemes): a manifest pointing outside is a configuration or security error, so nothing
+    is tagged, rather than tagging the rest and hiding the problem in error rows.
+    """
+    bad = [u for u in listing.table.column("uri").to_pylist() if not within_root(u, root)]
+    if not bad:
+        return
+    shown = ", ".join(repr(redact(u)) for u in bad[:show]) + (f" and {len(bad) - show} more" if len(bad) > show else "")
+    raise UserError(
+        f"{redact(source)}: {len(bad)} image uri(s) outside the allowed root {root!r} (absolute paths elsewhere, "
+        f"'..', symlinks leading out, or another scheme): {shown}. Nothing was tagged: fix the manifest or the root"
+    )
 
 
 def filter_uris(table: pa.Table, keep: pa.Array) -> pa.Table:

@@ -1,18 +1,51 @@
-"""fsspec helpers: one filesystem per (protocol, options) per process, URI joins, atomic writes."""
+"""fsspec helpers: one filesystem per (protocol, options) per process, URI joins, atomic writes, retries."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import posixpath
+import random
+import re
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 
+from catalog_tagger.errors import UserError
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_ATTEMPTS = 5
+# "This request is wrong", not "the store hiccupped": retrying only delays the failure.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.EROFS, errno.ENOSPC}
+# Transient failures by class name (botocore/aiohttp/urllib3 types, without importing them) and by message.
+_TRANSIENT_NAMES = re.compile(
+    r"Connection|Timeout|ServerDisconnected|ClientOSError|ClientPayloadError|ResponseParserError|IncompleteRead"
+)
+_TRANSIENT_TEXT = (
+    "SlowDown",
+    "503",
+    "500",
+    "Throttl",
+    "RequestTimeout",
+    "reset",
+    "ServiceUnavailable",
+    "InternalError",
+)
+
+
+class OutputWriteError(UserError):
+    """The output store refused a write for good (permission, not a folder, read-only): a rerun can resume."""
+
 
 _FS_CACHE: dict[tuple[str, str], AbstractFileSystem] = {}
 
@@ -65,29 +98,132 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
     return fs.cat_file(strip(uri))
 
 
+def is_transient(err: BaseException) -> bool:
+    """True for store errors worth a retry (throttling, 5xx, resets, timeouts); never for a missing or refused path."""
+    if isinstance(err, _PERMANENT):
+        return False
+    if isinstance(err, OSError) and err.errno in _PERMANENT_ERRNOS:
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+        return True
+    if any(_TRANSIENT_NAMES.search(t.__name__) for t in type(err).__mro__):
+        return True
+    text = f"{type(err).__name__} {err}"
+    return any(s in text for s in _TRANSIENT_TEXT)
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """An error raised by the store (as opposed to a bug in our code): OSErrors and transient client errors."""
+    return isinstance(err, OSError) or is_transient(err)
+
+
+def retry_transient(fn: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS, delay: float = 0.2) -> T:
+    """Call ``fn``, retrying transient store errors with jittered exponential backoff (on top of s3fs/botocore's
+    own retries, for faults that outlast them). ``fn`` must be idempotent: a retried PUT may have landed already.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below
+            if attempt == attempts or not is_transient(err):
+                raise
+            log.warning("%s failed (%s: %s), retry %d/%d", what, type(err).__name__, err, attempt, attempts - 1)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
 def write_bytes_atomic(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write so that readers see the whole object or nothing.
 
     Local: write a hidden temp file in the same folder, fsync, ``os.replace``. Object stores: a PUT of the
     complete body is atomic already; we never stream into the final key (s3fs uploads a truncated object
-    when an exception interrupts ``with fs.open(..., "wb")``).
+    when an exception interrupts ``with fs.open(..., "wb")``). Transient errors are retried (the write is
+    idempotent).
     """
     fs = filesystem(uri, storage_options)
     path = strip(uri)
     if is_local(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        retry_transient(lambda: _write_local_atomic(path, data), f"write {uri}")
     else:
-        fs.pipe_file(path, data)
+        retry_transient(lambda: fs.pipe_file(path, data), f"write {uri}")
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
+    """Create ``uri`` with ``data`` only if it does not exist; False when it does (the basis of the commit lock).
+
+    Local: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``, s3fs ``mode="create"``). Other
+    stores: whatever their fsspec ``pipe_file(mode="create")`` does (not verified here). A retried create whose
+    first attempt landed returns False: the caller recognises its own lock by the token in ``data``.
+    """
+    path = strip(uri)
+    if is_local(uri):
+
+        def create() -> bool:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+
+        return retry_transient(create, f"create {uri}")
+    fs = filesystem(uri, storage_options)
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    return retry_transient(put, f"create {uri}")
+
+
+def within_root(uri: str, root: str) -> bool:
+    """Whether ``uri`` stays inside ``root`` once ``..`` and symlinks are resolved (local root), or lies under the
+    ``root`` prefix of the same store with no ``.``/``..`` segments (object-store root). Other schemes: False.
+    """
+    try:
+        if is_local(root):
+            if not is_local(uri):
+                return False
+            real = os.path.realpath(strip(uri))
+            real_root = os.path.realpath(strip(root))
+            return os.path.commonpath([real, real_root]) == real_root
+        if protocol_of(uri) != protocol_of(root):
+            return False
+        path, prefix = strip(uri), strip(root).rstrip("/")
+        return not any(seg in (".", "..") for seg in path.split("/")) and path.startswith(prefix + "/")
+    except (ValueError, OSError):  # embedded NUL, unresolvable path: not provably inside
+        return False
+
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def redact(uri: str) -> str:
+    """``uri`` without ``user:password@`` (credentials in a URL must not reach logs or manifests)."""
+    return _USERINFO.sub(r"\1***@", uri)
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -113,7 +113,10 @@ def test_bad_images_become_rows_and_never_crash(model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = committed_rows(out)
     assert table.num_rows == len(expected)
-    got = {Path(u).name: (s, e) for u, s, e in zip(*(table.column(c).to_pylist() for c in ("uri", "status", "error")), strict=True)}
+    got = {
+        Path(u).name: (s, e)
+        for u, s, e in zip(*(table.column(c).to_pylist() for c in ("uri", "status", "error")), strict=True)
+    }
     assert {k: v[0] for k, v in got.items()} == expected
     for name, (status, err) in got.items():
         assert (err is None) == (status == "ok"), name
@@ -145,7 +148,9 @@ def test_incremental_nightly(catalog, model, tmp_path):
     # DuckDB reads exactly the committed files; latest per uri covers the catalog once
     files = ledger.committed_files(ledger.Layout(out))
     con = duckdb.connect()
-    n_latest = con.execute(f"SELECT count(DISTINCT uri) FROM read_parquet({files!r}) WHERE status = 'ok'").fetchall()[0][0]
+    n_latest = con.execute(f"SELECT count(DISTINCT uri) FROM read_parquet({files!r}) WHERE status = 'ok'").fetchall()[
+        0
+    ][0]
     assert n_latest == 50
 
 
