@@ -42,7 +42,7 @@ USER_ERROR_EXIT_CODE = 2
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|SESSION|PRIVATE|API_KEY", re.I)
 _GCS_ADDRESS = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}")
 # TagJobConfig fields the ``tag`` command cannot express yet; a non-default value is refused, never dropped.
-_NOT_ON_CLI = ("rows_per_shard", "calibrate", "storage_options", "decode_cpus")
+_NOT_ON_CLI = ("calibrate", "storage_options", "decode_cpus")
 
 
 def ray_path(address: str | None) -> RayPath:
@@ -120,6 +120,10 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
         args += ["--limit", str(cfg.limit)]
     if cfg.full:
         args.append("--full")
+    if cfg.allowed_root:
+        args += ["--allowed-root", cfg.allowed_root]
+    if cfg.rows_per_shard != TagJobConfig.model_fields["rows_per_shard"].get_default():
+        args += ["--rows-per-shard", str(cfg.rows_per_shard)]
     return shlex.join(args)
 
 

@@ -84,8 +84,11 @@ class TagJobConfig(BaseModel):
     @field_validator("run_id")
     @classmethod
     def _run_id_safe(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c in v for c in "/\\ =") or v.startswith((".", "_"))):
-            raise ValueError(f"run_id {v!r} must be non-empty, without '/', '\\\\', '=', spaces, or a leading '.'/'_'")
+        if v is not None and (not v or any(c in v for c in "/\\ =*?[]") or v.startswith((".", "_"))):
+            raise ValueError(
+                f"run_id {v!r} must be non-empty, without '/', '\\\\', '=', '*', '?', '[', ']' or spaces, "
+                "and must not start with '.' or '_'"
+            )
         return v
 
 
@@ -128,6 +131,8 @@ def _check_output_writable(cfg: TagJobConfig) -> None:
     try:
         retry_transient(write_probe, f"write probe {redact(cfg.output)}")
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot write there"
+        if is_transient(err):
+            raise  # a store hiccup that outlived the retries: retryable by the caller (Prefect), not bad input
         raise UserError(f"output {redact(cfg.output)!r} is not writable: {type(err).__name__}: {err}") from None
 
 
@@ -183,6 +188,8 @@ def _check_source_exists(cfg: TagJobConfig) -> None:
     try:
         found = fs.exists(strip(cfg.source))
     except Exception as err:  # noqa: BLE001 - permission, bad bucket, bad credentials...
+        if is_transient(err):
+            raise
         raise UserError(f"source {redact(cfg.source)!r} cannot be read: {type(err).__name__}: {err}") from None
     if not found:
         raise UserError(f"source {redact(cfg.source)!r} does not exist or is not readable")
@@ -238,7 +245,9 @@ def _build_dataset(cfg: TagJobConfig, work: pa.Table, model_version: str, image_
     ctx.execution_options.preserve_order = False
     plan = _plan_resources(cfg)
     block_rows = max(1, min(cfg.batch_size, math.ceil(work.num_rows / 4)))
-    ds = ray.data.from_arrow(work).repartition(max(1, math.ceil(work.num_rows / block_rows)))
+    # One block per slice, made on the driver: a repartition is an all-to-all task that needs a whole CPU,
+    # which a cluster of 1-CPU nodes running the actor pool may never have free.
+    ds = ray.data.from_arrow([work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)])
     with warnings.catch_warnings():
         # Ray 2.60 flags every extra remote arg (max_restarts...) as deprecated, with no named replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -495,7 +504,8 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
             "run_date": state["run_date"],
             "started_at": state["started_at"],
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": redact(cfg.model),
+            # absolute for local models, so `similar --image` works from any folder
+            "model": redact(os.path.abspath(cfg.model) if is_local(cfg.model) else cfg.model),
             "model_version": card.version,
             "source": redact(cfg.source),
             "schema_version": OUTPUT_SCHEMA_VERSION,

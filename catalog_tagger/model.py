@@ -378,6 +378,12 @@ def load_artifact(
     fs, root = fsspec.core.url_to_fs(uri)
     wpath = _join(root, WEIGHTS_FILE)
     if not fs.exists(wpath):
+        pickles = [Path(p).name for p in fs.ls(root, detail=False) if p.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ArtifactError(
+                f"{uri}: has no {WEIGHTS_FILE}, only pickle checkpoint(s) {pickles}; pickle is refused (it can run "
+                "code when loaded): save the weights as safetensors"
+            )
         raise ArtifactError(f"{uri}: {WEIGHTS_FILE} not found")
     with fs.open(wpath, "rb") as fh:
         blob = fh.read()

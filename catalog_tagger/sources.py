@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from catalog_tagger.decode import IMAGE_EXTENSIONS
 from catalog_tagger.errors import UserError
-from catalog_tagger.storage import filesystem, is_local, protocol_of, redact, strip, unstrip, within_root
+from catalog_tagger.storage import filesystem, is_local, is_transient, protocol_of, redact, strip, unstrip, within_root
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def list_prefix(source: str, storage_options: dict[str, Any] | None = None) -> L
             raise UserError(f"source {source!r} is a single file: give a folder/prefix or a .csv/.parquet manifest")
         found = fs.find(root, detail=True)
     except (PermissionError, OSError) as err:
-        if isinstance(err, UserError):
-            raise
+        if isinstance(err, UserError) or is_transient(err):
+            raise  # transient: retryable by the caller, not bad input
         raise UserError(f"cannot list source {source!r}: {err}") from None
     uris, sizes, etags, mtimes = [], [], [], []
     skipped = 0

@@ -83,11 +83,13 @@ def test_entrypoint_flags_exist_on_the_cli() -> None:
 
     cmd = typer.main.get_command(app).commands["tag"]
     known = {o for p in cmd.params for o in p.opts}
-    used = {a for a in shlex.split(tag_entrypoint(_cfg(full=True, limit=1, actors=1))) if a.startswith("--")}
+    cfg = _cfg(full=True, limit=1, actors=1, rows_per_shard=10, allowed_root="/data")
+    used = {a for a in shlex.split(tag_entrypoint(cfg)) if a.startswith("--")}
+    assert {"--allowed-root", "--rows-per-shard", "--full", "--limit", "--actors"} <= used
     assert used <= known
 
 
-@pytest.mark.parametrize("override", [{"rows_per_shard": 10}, {"calibrate": False}, {"storage_options": {"k": 1}}])
+@pytest.mark.parametrize("override", [{"calibrate": False}, {"storage_options": {"k": 1}}])
 def test_entrypoint_refuses_what_the_cli_cannot_carry(override: dict[str, Any]) -> None:
     with pytest.raises(UserError, match=next(iter(override))):
         tag_entrypoint(_cfg(**override))
