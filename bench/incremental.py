@@ -46,6 +46,8 @@ def run(ctx: Context) -> BenchResult:
             pairs.append({"full": first.to_dict(), "incremental": second.to_dict()})
             ctx.say(f"{NAME} round {r + 1}/{s.rounds}: full {first.wall_s:.1f}s, +{new} new {second.wall_s:.1f}s")
     res.data["pairs"] = pairs
+    executors = {k: sorted({str((p[k].get("resources") or {}).get("executor")) for p in pairs}) for k in pairs[0]}
+    res.notes.append(f"executor (default 'auto'): {executors}")
     wall = median([ratio(p["incremental"]["wall_s"], p["full"]["wall_s"]) for p in pairs])
     accel = median([ratio(p["incremental"]["accel_s"], p["full"]["accel_s"]) for p in pairs])
     # Two points of wall = fixed + per_image * images: where would the 5% target be met?

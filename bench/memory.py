@@ -117,7 +117,8 @@ def _child(model: str, source: str, out: str, batch_size: int, result: str) -> N
     import ray
 
     start_ray()
-    jr = run_job(model, source, out, batch_size=batch_size)
+    # Always the Ray pipeline: both sizes must run the same code (small runs would take the no-Ray path).
+    jr = run_job(model, source, out, batch_size=batch_size, executor="ray")
     Path(result).write_text(json.dumps(jr.to_dict()))
     ray.shutdown()
 

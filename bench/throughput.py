@@ -184,6 +184,8 @@ def run(ctx: Context) -> BenchResult:
             got["plain"] = max(got[f"plain_t{t}"] for t in settings)
             per_round.append(got)
         res.data.update(runs=runs, per_round=per_round, thread_settings=settings, plan_threads=ctx.threads)
+        executors = sorted({str((j.get("resources") or {}).get("executor")) for k in kinds[:2] for j in runs[k]})
+        res.notes.append(f"pipeline executor: {', '.join(executors)} (job default executor='auto')")
 
         def med(key: str) -> float:
             return median([g[key] for g in per_round])

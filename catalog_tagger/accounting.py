@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PRICE_PER_HOUR = 2.50  # USD per accelerator-hour: roughly an on-demand cloud A10G/L4-class GPU in 2026
 CALIBRATION_REPEATS = 7
 CALIBRATION_WARMUP = 3
+# What the Predictor spends on calibration at actor start: a small slice of the first batch, fewer repeats.
+PREDICTOR_CALIBRATION_IMAGES = 16
+PREDICTOR_CALIBRATION_REPEATS = 5
+PREDICTOR_CALIBRATION_WARMUP = 2
 
 
 def _sync(device: torch.device) -> None:
@@ -34,7 +38,10 @@ def _time(fn, device: torch.device) -> float:
 
 
 def calibrate_single_task(
-    model: MultiHeadModel, images: np.ndarray, repeats: int = CALIBRATION_REPEATS
+    model: MultiHeadModel,
+    images: np.ndarray,
+    repeats: int = CALIBRATION_REPEATS,
+    warmup: int = CALIBRATION_WARMUP,
 ) -> dict[str, float]:
     """Time, on the same batch and device, the multi-head model vs a single-task model of the same architecture.
 
@@ -57,7 +64,7 @@ def calibrate_single_task(
             emb = model.forward_features(model.prepare(x_np))
             model.forward_head(emb, first).float().cpu()
 
-    for _ in range(CALIBRATION_WARMUP):  # warm-up: oneDNN primitive creation, allocator, cudnn autotune
+    for _ in range(warmup):  # warm-up: oneDNN primitive creation, allocator, cudnn autotune
         multi()
         single()
     tm, ts = [], []

@@ -144,6 +144,9 @@ def tag(
     rows_per_shard: Annotated[
         int | None, typer.Option("--rows-per-shard", min=1, hidden=True, help="Rows per part file (unit of resume).")
     ] = None,
+    executor: Annotated[
+        str, typer.Option("--executor", help="auto (default: in-process for small local runs) | ray | local")
+    ] = "auto",
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -152,7 +155,8 @@ def tag(
     from catalog_tagger.summary import render_run_summary
 
     params = dict(model=model, source=source, output=output, run_id=run_id, ray_address=ray_address,
-                  batch_size=batch_size, actors=actors, device=device, full=full, limit=limit)
+                  batch_size=batch_size, actors=actors, device=device, full=full, limit=limit,
+                  executor=executor)
     if price_per_hour is not None:
         params["price_per_hour"] = price_per_hour
     if allowed_root is not None:

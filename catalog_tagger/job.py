@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -9,7 +10,9 @@ import posixpath
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +61,11 @@ ACTOR_MAX_RESTARTS = -1  # restart a dead Predictor without limit (preemptions o
 ACTOR_MAX_TASK_RETRIES = 3  # ...but retry one batch at most 3 times after its actor died
 DECODE_MAX_RETRIES = 3  # decode tasks whose worker process died
 
+OBJECT_STORE_MAX_BYTES = 2 * 1024**3  # embedded local Ray: object store at most 2 GiB...
+OBJECT_STORE_RAM_FRACTION = 0.30  # ...and at most 30% of RAM (bounded memory; Ray's own default is 30% of RAM)
+LOCAL_DECODE_THREADS = 1  # local executor: decode the next slice while the model runs on this one
+LOCAL_PREFETCH = 2  # slices decoded ahead of the model
+
 
 class TagJobConfig(BaseModel):
     """Everything one tagging run needs. Validated before any work starts."""
@@ -80,6 +88,10 @@ class TagJobConfig(BaseModel):
     storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
     decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
     allowed_root: str | None = None  # if set, every image uri must resolve inside it, else the run is refused
+    # "ray": Ray Data pipeline; "local": the same stages in this process (no Ray); "auto": local for small runs
+    # on the embedded default (no cluster address, no CUDA GPU, at most local_max_images to tag), else ray.
+    executor: Literal["auto", "ray", "local"] = "auto"
+    local_max_images: int = Field(default=2000, ge=0)
 
     @field_validator("run_id")
     @classmethod
@@ -195,15 +207,41 @@ def _check_source_exists(cfg: TagJobConfig) -> None:
         raise UserError(f"source {redact(cfg.source)!r} does not exist or is not readable")
 
 
+def _ray_address(address: str | None) -> str:
+    """None/"" -> $RAY_ADDRESS when set, else "local" (never a stray ``ray start`` cluster found on disk)."""
+    if address in (None, ""):
+        return os.environ.get("RAY_ADDRESS") or "local"
+    return address
+
+
+def _object_store_bytes() -> int:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return OBJECT_STORE_MAX_BYTES
+    return int(min(OBJECT_STORE_MAX_BYTES, OBJECT_STORE_RAM_FRACTION * ram))
+
+
 def init_ray(address: str | None) -> None:
-    """Connect to a cluster, or start the embedded local Ray sized to this machine (reused when running)."""
+    """Connect to a cluster, or start the embedded local Ray sized to this machine (reused when running).
+
+    ``None`` means ``$RAY_ADDRESS`` when set, else an embedded local Ray started with ``address="local"``: a bare
+    ``ray.init()`` would attach to any cluster a ``ray start`` left on this machine.
+    """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address in (None, "", "local"):
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    address = _ray_address(address)
+    if address == "local":
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            object_store_memory=_object_store_bytes(),
+        )
     else:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -221,7 +259,14 @@ def _plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
         raise UserError("--device cuda was requested but the Ray cluster has no GPUs")
     if gpus:
         actors = cfg.actors or gpus
-        return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": cfg.decode_cpus or 1}
+        return {
+            "executor": "ray",
+            "actors": actors,
+            "num_gpus": 1,
+            "num_cpus": 1,
+            "threads": None,
+            "decode_cpus": cfg.decode_cpus or 1,
+        }
     actors = cfg.actors or 1
     # On CPU the actors' torch threads and the decode tasks share the cores. Keep CPU resources for decode
     # (else the pool takes every CPU and decode tasks never schedule); on tiny machines let torch use all
@@ -229,6 +274,7 @@ def _plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
     reserve = 1 if cpus < 8 else max(1, int(cpus // 4))
     per_actor = max(1, int((cpus - reserve) // actors))
     return {
+        "executor": "ray",
         "actors": actors,
         "num_gpus": 0,
         "num_cpus": per_actor if cpus - reserve >= actors else max(0.25, (cpus - reserve) / actors),
@@ -282,6 +328,75 @@ def _build_dataset(cfg: TagJobConfig, work: pa.Table, model_version: str, image_
             max_task_retries=ACTOR_MAX_TASK_RETRIES,
         )
     return ds, plan
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_executor(cfg: TagJobConfig, work_rows: int) -> Literal["ray", "local"]:
+    """``auto``: in-process for small runs on the embedded default, Ray Data for clusters, GPUs and big runs."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    if _ray_address(cfg.ray_address) != "local" or work_rows > cfg.local_max_images or cfg.device == "cuda":
+        return "ray"
+    if cfg.device != "cpu" and _cuda_visible():
+        return "ray"
+    return "local"
+
+
+def _local_batches(
+    cfg: TagJobConfig, work: pa.Table, image_size: int, run_id: str, tagged_at, plan: dict[str, Any]
+) -> Iterator[pa.Table]:
+    """The Ray pipeline's stages in this process: DecodeStage on slices (decoded ahead on a thread), one Predictor."""
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    # The model gets the cores the decode thread leaves: on a small box, torch's OpenMP threads sharing a core
+    # with the decode thread (or a neighbour) run several times slower than one thread per free core.
+    threads = max(1, (os.cpu_count() or 1) - LOCAL_DECODE_THREADS)
+    faults = FaultInjection.from_env()
+    # Test-only faults target the Ray actors: never os._exit the driver; a per-batch delay is kept.
+    faults = dataclasses.replace(faults, kill_at_batch=0, kill_marker=None) if faults else FaultInjection()
+    decode = DecodeStage(image_size=image_size, storage_options=cfg.storage_options, allowed_root=cfg.allowed_root)
+    try:
+        predictor = Predictor(
+            cfg.model,
+            run_id=run_id,
+            tagged_at=tagged_at,
+            device=cfg.device,
+            storage_options=cfg.storage_options,
+            calibrate=cfg.calibrate,
+            threads=threads,
+            faults=faults,
+        )
+        cuda = predictor.device.type == "cuda"
+        plan.update(executor="local", actors=1, num_gpus=1 if cuda else 0, threads=threads)
+        step = cfg.batch_size
+        starts = iter(range(0, work.num_rows, step))
+        with ThreadPoolExecutor(max_workers=LOCAL_DECODE_THREADS, thread_name_prefix="decode") as pool:
+            ahead: deque[Future] = deque()
+
+            def fill() -> None:
+                while len(ahead) < LOCAL_PREFETCH:
+                    start = next(starts, None)
+                    if start is None:
+                        return
+                    ahead.append(pool.submit(decode, work.slice(start, step)))
+
+            try:
+                fill()
+                while ahead:
+                    decoded = ahead.popleft().result()
+                    fill()
+                    yield predictor(decoded)
+            finally:
+                for fut in ahead:
+                    fut.cancel()
+    finally:
+        torch.set_num_threads(prev_threads)
 
 
 class _ShardWriter:
@@ -429,11 +544,18 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     t_pipe = time.perf_counter()
     plan: dict[str, Any] = {}
     if total:
-        init_ray(cfg.ray_address)
-        ds, plan = _build_dataset(cfg, work.table, card.version, card.image_size, run_id, tagged_at)
+        executor = choose_executor(cfg, total)
+        log.info("run %s: %s executor", run_id, executor)
+        batches: Iterable[pa.Table]
+        if executor == "local":
+            batches = _local_batches(cfg, work.table, card.image_size, run_id, tagged_at, plan)
+        else:
+            init_ray(cfg.ray_address)
+            ds, plan = _build_dataset(cfg, work.table, card.version, card.image_size, run_id, tagged_at)
+            batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
         processed = 0
         last_log = time.perf_counter()
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in batches:
             writer.add(batch)
             processed += batch.num_rows
             if progress is not None:
@@ -503,7 +625,7 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
             "run_id": run_id,
             "run_date": state["run_date"],
             "started_at": state["started_at"],
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),  # orders same-second runs
             # absolute for local models, so `similar --image` works from any folder
             "model": redact(os.path.abspath(cfg.model) if is_local(cfg.model) else cfg.model),
             "model_version": card.version,

@@ -186,9 +186,14 @@ class Predictor:
         if len(ok):
             images = np.ascontiguousarray(batch["image"][ok])
             if self.calibrate and self.calibration is None:
-                from catalog_tagger.accounting import calibrate_single_task
+                from catalog_tagger import accounting
 
-                self.calibration = calibrate_single_task(self.model, images)
+                self.calibration = accounting.calibrate_single_task(
+                    self.model,
+                    images[: accounting.PREDICTOR_CALIBRATION_IMAGES],
+                    repeats=accounting.PREDICTOR_CALIBRATION_REPEATS,
+                    warmup=accounting.PREDICTOR_CALIBRATION_WARMUP,
+                )
             timed = run_batch(self.model, images)
             accel_s = timed.seconds
             cols = output_columns(self.card, timed.output)

@@ -332,7 +332,7 @@ from catalog_tagger.job import TagJobConfig
 
 address, dashboard, model, source, output, run_id = sys.argv[1:7]
 cfg = TagJobConfig(model=model, source=source, output=output, ray_address=address, run_id=run_id, actors=2,
-                   batch_size=2)
+                   batch_size=2, executor="ray")
 res = run_tag(cfg, on_log=lambda line: print("job|", line, file=sys.stderr))
 if address.startswith("http"):
     from ray.job_submission import JobSubmissionClient

@@ -132,7 +132,8 @@ def test_predictor_actor_killed_mid_run_is_restarted_and_batch_retried(
     monkeypatch.setenv(ENV_KILL_AT_BATCH, "2")
     monkeypatch.setenv(ENV_KILL_MARKER, str(marker))
     out = tmp_path / "out"
-    res = run(TagJobConfig(model=model, source=images, output=str(out), batch_size=4, rows_per_shard=8))
+    cfg = TagJobConfig(model=model, source=images, output=str(out), batch_size=4, rows_per_shard=8, executor="ray")
+    res = run(cfg)
     assert marker.exists(), "the fault was not injected: the actor never reached batch 2"
     assert res.ok == N_IMAGES and res.error == 0 and res.manifest is not None
     assert_same_as_clean(committed_rows(str(out)), clean, catalog.tasks_uri)
@@ -160,7 +161,7 @@ def test_driver_sigkill_mid_run_then_rerun_resumes_from_staged_shards(images, mo
     staging = out / "_staging" / run_id
     cmd = [sys.executable, "-m", "catalog_tagger.cli", "tag", "--model", model, "--source", images,
            "--output", str(out), "--run-id", run_id, "--batch-size", "4", "--rows-per-shard", "4",
-           "--device", "cpu"]  # fmt: skip
+           "--device", "cpu", "--executor", "ray"]  # fmt: skip
     # Slow each batch down so that the kill lands mid-run, after the first shards are staged.
     env = {**os.environ, ENV_BATCH_DELAY_S: "0.5"}
     log_path = tmp_path / "cli.log"
