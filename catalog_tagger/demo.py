@@ -59,7 +59,10 @@ def run_demo(out: Path, *, images: int = 600, console: Console) -> dict:
     console.rule("3/5 nightly tagging flow (Prefect + local Ray), run twice")
     from flows.nightly import run_local_demo
 
-    first, second = run_local_demo(source=str(catalog / "images"), output=str(output), model=str(model_dir))
+    # executor="ray": the demo shows the real pipeline on the embedded local Ray, not the small-run fast path.
+    first, second = run_local_demo(
+        source=str(catalog / "images"), output=str(output), model=str(model_dir), executor="ray"
+    )
     from catalog_tagger.summary import render_run_summary
 
     render_run_summary(first, console)

@@ -280,6 +280,7 @@ def nightly_tagging(
     price_per_hour: float | None = None,
     limit: int | None = None,
     batch_size: int | None = None,
+    executor: str = "auto",
 ) -> dict[str, Any]:
     """Tag the new and changed images of a catalog, commit Parquet, and publish the savings report.
 
@@ -295,6 +296,7 @@ def nightly_tagging(
         price_per_hour=price_per_hour,
         limit=limit,
         batch_size=batch_size,
+        executor=executor,
     )
     return _tag_and_report(params, "nightly")
 
@@ -308,6 +310,7 @@ def backfill(
     price_per_hour: float | None = None,
     limit: int | None = None,
     batch_size: int | None = None,
+    executor: str = "auto",
 ) -> dict[str, Any]:
     """Re-tag every image with ``model`` (e.g. a new model version), whatever earlier runs committed."""
     params = NightlyParams.parse(
@@ -320,6 +323,7 @@ def backfill(
         price_per_hour=price_per_hour,
         limit=limit,
         batch_size=batch_size,
+        executor=executor,
     )
     return _tag_and_report(params, "backfill")
 
@@ -337,6 +341,7 @@ def run_local_demo(
     *,
     ray_address: str | None = None,
     limit: int | None = None,
+    executor: str = "auto",
     between: Callable[[], None] | None = None,
 ) -> tuple[RunResult, RunResult]:
     """Run ``nightly_tagging`` twice in this process and return both runs (for ``make demo``).
@@ -345,7 +350,13 @@ def run_local_demo(
     server it starts itself. ``between`` runs between the two nights (e.g. add 1% new images to the catalog);
     the second night tags only what is new or changed. The flows' artifacts are in that server's database.
     """
-    kwargs: dict[str, Any] = {"source": source, "output": output, "model": model, "ray_address": ray_address}
+    kwargs: dict[str, Any] = {
+        "source": source,
+        "output": output,
+        "model": model,
+        "ray_address": ray_address,
+        "executor": executor,
+    }
     if limit is not None:
         kwargs["limit"] = limit
     first = nightly_tagging(**kwargs)

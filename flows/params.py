@@ -7,7 +7,7 @@ given": it is dropped so the model's default wins, and the defaults live in one 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -53,6 +53,7 @@ class NightlyParams(_Params):
     price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)  # USD per accelerator-hour (savings report)
     limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
     batch_size: int = Field(default=64, ge=1, le=4096)  # images per forward pass
+    executor: Literal["auto", "ray", "local"] = "auto"  # auto: in-process for small local CPU runs, else Ray Data
 
     @field_validator("source", "output", "model")
     @classmethod
