@@ -78,6 +78,46 @@ def calibrate_single_task(
     return {"multi_s": m, "single_s": s, "single_over_multi": ratio, "batch": float(len(images))}
 
 
+def calibrate_baselines(
+    model: MultiHeadModel,
+    baselines: list[MultiHeadModel],
+    images: np.ndarray,
+    *,
+    repeats: int = CALIBRATION_REPEATS,
+    warmup: int = CALIBRATION_WARMUP,
+) -> dict[str, float]:
+    """Time the user's own single-task models against the multi-head model on the same batch and device.
+
+    Returns ``single_over_multi`` = (sum of the baselines' times) / (multi-head time): what running all of them
+    costs per unit of measured multi-head time. Minimum of interleaved repeats, as in ``calibrate_single_task``.
+    """
+    device = model.mean.device
+    x = torch.from_numpy(np.ascontiguousarray(images))
+
+    def forward(m: MultiHeadModel):
+        def run() -> None:
+            with torch.inference_mode(), autocast(device):
+                out = m(m.prepare(x))
+                for v in out.logits.values():
+                    v.float().cpu()
+
+        return run
+
+    fns = [forward(model)] + [forward(b) for b in baselines]
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            times[i].append(_time(fn, device))
+    best = [min(t) for t in times]
+    ratio = sum(best[1:]) / best[0] if best[0] > 0 else float(len(baselines))
+    log.info("baseline calibration on %s: multi-head %.4fs, %d single-task models %.4fs", device, best[0],
+             len(baselines), sum(best[1:]))  # fmt: skip
+    return {"multi_s": best[0], "single_s": sum(best[1:]), "single_over_multi": ratio, "batch": float(len(images))}
+
+
 @dataclass
 class Savings:
     """The savings report of one run (in the manifest, on the console, in the HTML report)."""

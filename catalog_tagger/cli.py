@@ -147,6 +147,10 @@ def tag(
     executor: Annotated[
         str, typer.Option("--executor", help="auto (default: in-process for small local runs) | ray | local")
     ] = "auto",
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option("--baseline", help="Your own single-task model artifact to compare against (repeat per task)."),
+    ] = None,
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -163,6 +167,8 @@ def tag(
         params["allowed_root"] = allowed_root
     if rows_per_shard is not None:
         params["rows_per_shard"] = rows_per_shard
+    if baseline:
+        params["baseline"] = list(baseline)
     cfg = _validated(TagJobConfig, params)
     with Progress(
         TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True

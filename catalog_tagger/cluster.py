@@ -122,6 +122,8 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
         args.append("--full")
     if cfg.allowed_root:
         args += ["--allowed-root", cfg.allowed_root]
+    for uri in cfg.baseline:
+        args += ["--baseline", uri]
     if cfg.executor != "auto":
         args += ["--executor", cfg.executor]
     if cfg.rows_per_shard != TagJobConfig.model_fields["rows_per_shard"].get_default():

@@ -85,6 +85,7 @@ class TagJobConfig(BaseModel):
     rows_per_shard: int = Field(default=20_000, ge=1)  # rows per part file = unit of resume
     price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)
     calibrate: bool = True  # time a single-task model at actor start for the savings report
+    baseline: list[str] = Field(default_factory=list)  # the user's own single-task artifacts to compare against
     storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
     decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
     allowed_root: str | None = None  # if set, every image uri must resolve inside it, else the run is refused
@@ -181,6 +182,19 @@ def _check_allowed_root(cfg: TagJobConfig) -> None:
         raise UserError(f"allowed_root {root!r} must name a bucket or prefix, not a whole store")
 
 
+def _check_baselines(cfg: TagJobConfig) -> None:
+    """``--baseline`` artifacts must load and take the same input size (they are timed on the same batch)."""
+    size = load_card(cfg.model).image_size
+    for uri in cfg.baseline:
+        card = load_card(uri)
+        _check_model_weights(uri)
+        if card.image_size != size:
+            raise UserError(
+                f"baseline {redact(uri)!r} takes {card.image_size} px images, the model {size} px: baselines are "
+                "timed on the model's own batches, so their input size must match"
+            )
+
+
 def validate(cfg: TagJobConfig) -> None:
     """Refuse bad input before any work: model artifact, output writability (the source is checked by listing)."""
     try:
@@ -190,6 +204,7 @@ def validate(cfg: TagJobConfig) -> None:
     except FileNotFoundError:
         raise UserError(f"model {redact(cfg.model)!r} not found") from None
     _check_model_weights(cfg.model)
+    _check_baselines(cfg)
     _check_allowed_root(cfg)
     _check_source_exists(cfg)
     _check_output_writable(cfg)
@@ -314,6 +329,7 @@ def _build_dataset(cfg: TagJobConfig, work: pa.Table, model_version: str, image_
                 "device": "cuda" if plan["num_gpus"] else "cpu",
                 "storage_options": cfg.storage_options,
                 "calibrate": cfg.calibrate,
+                "baselines": cfg.baseline,
                 "threads": plan["threads"],
                 # Test-only faults come from the DRIVER's environment: the actors' may predate the test's settings.
                 "faults": FaultInjection.from_env(),
@@ -371,6 +387,7 @@ def _local_batches(
             calibrate=cfg.calibrate,
             threads=threads,
             faults=faults,
+            baselines=cfg.baseline,
         )
         cuda = predictor.device.type == "cuda"
         plan.update(executor="local", actors=1, num_gpus=1 if cuda else 0, threads=threads)
@@ -618,7 +635,7 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
             single_s=single_s,
             decode_s=decode_s,
             price_per_hour=cfg.price_per_hour,
-            method="calibrated" if cfg.calibrate else "none",
+            method=("baseline-artifacts" if cfg.baseline else "calibrated") if cfg.calibrate else "none",
         )
         wall_s = time.perf_counter() - t_start
         manifest = {

@@ -132,6 +132,7 @@ class Predictor:
         calibrate: bool = True,
         threads: int | None = None,
         faults: FaultInjection | None = None,
+        baselines: list[str] | None = None,
     ) -> None:
         import torch
 
@@ -151,6 +152,10 @@ class Predictor:
         self.faults = faults if faults is not None else FaultInjection.from_env()
         self.calibration: dict[str, float] | None = None
         self.calibrate = calibrate
+        # The user's own single-task artifacts (``--baseline``): timed instead of the backbone + one head.
+        self.baselines = [
+            prepare_for_inference(load_artifact(u, map_location="cpu")[0], self.device) for u in baselines or []
+        ]
         log.info("predictor on %s (torch threads %d)", self.device, torch.get_num_threads())
 
     def _maybe_fault(self) -> None:
@@ -185,6 +190,17 @@ class Predictor:
         cols: dict[str, Any] = {}
         if len(ok):
             images = np.ascontiguousarray(batch["image"][ok])
+            if self.calibrate and self.calibration is None and self.baselines:
+                from catalog_tagger import accounting
+
+                cal = accounting.calibrate_baselines(
+                    self.model,
+                    self.baselines,
+                    images[: accounting.PREDICTOR_CALIBRATION_IMAGES],
+                    repeats=accounting.PREDICTOR_CALIBRATION_REPEATS,
+                    warmup=accounting.PREDICTOR_CALIBRATION_WARMUP,
+                )
+                self.calibration = {**cal, "factor": cal["single_over_multi"]}
             if self.calibrate and self.calibration is None:
                 from catalog_tagger import accounting
 
@@ -198,7 +214,8 @@ class Predictor:
             accel_s = timed.seconds
             cols = output_columns(self.card, timed.output)
             if self.calibration is not None:
-                single_s = accel_s * self.calibration["single_over_multi"] * len(self.tasks.tasks)
+                factor = self.calibration.get("factor", self.calibration["single_over_multi"] * len(self.tasks.tasks))
+                single_s = accel_s * factor
         return self._to_table(batch, ok, cols, n, accel_s, single_s)
 
     def _to_table(

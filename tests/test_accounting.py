@@ -105,3 +105,32 @@ def test_run_manifest_savings_are_measured(tmp_path):
     assert sav["single_task_accel_s"] > 3 * sav["multi_head_accel_s"]
     assert 0.5 < sav["fraction_saved"] < 1.0
     assert sav["decode_cpu_s"] > 0 and sav["decode_cpu_s_saved"] == pytest.approx(5 * sav["decode_cpu_s"])
+
+
+def test_user_baseline_artifacts_are_timed_instead_of_the_calibration(tmp_path):
+    """``--baseline``: n real single-task artifacts; their measured cost replaces the backbone+head estimate."""
+    from catalog_tagger.job import TagJobConfig, run
+    from catalog_tagger.model import card_for, save_artifact
+    from catalog_tagger.synthetic import SynthConfig, generate
+
+    cat = generate(SynthConfig(out=str(tmp_path / "cat"), images=24, seed=4, min_size=300, max_size=340))
+    torch.manual_seed(0)
+    multi = build_model(backbone="mobilenet_v3_small", tasks=MANY)
+    save_artifact(multi, card_for(multi, image_size=64), tmp_path / "multi")
+    baselines = []
+    for task in MANY.tasks[:3]:
+        single = build_model(backbone="mobilenet_v3_small", tasks=parse_tasks({"tasks": [task.model_dump()]}))
+        save_artifact(single, card_for(single, image_size=64), tmp_path / task.name)
+        baselines.append(str(tmp_path / task.name))
+    cfg = TagJobConfig(model=str(tmp_path / "multi"), source=cat.out + "/images", output=str(tmp_path / "o"),
+                       batch_size=12, executor="local", baseline=baselines)  # fmt: skip
+    sav = run(cfg).manifest["savings"]
+    assert sav["method"] == "baseline-artifacts"
+    # three real single-task models of the same backbone cost about three multi-head passes
+    assert 1.5 < sav["single_task_accel_s"] / sav["multi_head_accel_s"] < 6
+    small = build_model(backbone="tiny_cnn", tasks=ONE)
+    save_artifact(small, card_for(small, image_size=32), tmp_path / "other-size")
+    from catalog_tagger.errors import UserError
+
+    with pytest.raises(UserError, match="input size must match"):
+        run(cfg.model_copy(update={"baseline": [str(tmp_path / "other-size")]}))
