@@ -1059,7 +1059,7 @@ def _f(v: float | None) -> str:
 HEADLINE = {"multiclass": "accuracy", "multilabel": "micro_f1"}
 
 
-def _median_ms_per_image(fn: Callable[[], Any], n_images: int, samples: list[float]) -> None:
+def _sample_ms_per_image(fn: Callable[[], Any], n_images: int, samples: list[float]) -> None:
     t0 = time.perf_counter()
     fn()
     samples.append((time.perf_counter() - t0) * 1000 / n_images)
@@ -1093,7 +1093,7 @@ def time_models(
                     m(prepared[k])
                     sync()
 
-                _median_ms_per_image(run, images.shape[0], samples[k])
+                _sample_ms_per_image(run, images.shape[0], samples[k])
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
