@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from modelkit import centred_model
 
 from catalog_tagger import ledger
 from catalog_tagger.job import TagJobConfig, run
@@ -34,28 +34,6 @@ BROWSER_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def centred_model(tasks_uri: str, images: list[str], out: Path, seed: int = 0) -> str:
-    """A tiny random model whose heads see the standardised embedding, so labels vary across images."""
-    import torch
-
-    from catalog_tagger.config import load_tasks
-    from catalog_tagger.decode import decode_image
-    from catalog_tagger.model import build_model, card_for, save_artifact
-
-    torch.manual_seed(seed)
-    model = build_model(backbone="tiny_cnn", tasks=load_tasks(tasks_uri)).eval()
-    batch = np.stack([decode_image(Path(u).read_bytes(), 32).array for u in images])
-    with torch.no_grad():
-        emb = model.forward_features(model.prepare(batch))
-        mean, std = emb.mean(0), emb.std(0).clamp_min(1e-3)
-        for head in model.heads.values():
-            w = torch.randn_like(head.weight) / std
-            head.weight.copy_(w)
-            head.bias.copy_(-(w @ mean))
-    save_artifact(model, card_for(model, image_size=32), out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
