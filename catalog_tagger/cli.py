@@ -63,7 +63,9 @@ def init_model(
     out: Annotated[str, typer.Option("--out", help="Artifact directory to write.")],
     backbone: Annotated[str, typer.Option(help="Backbone registry name (see `backbones`).")] = "mobilenet_v3_small",
     image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
-    weights: Annotated[str | None, typer.Option(help="Local safetensors file with pretrained backbone weights.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Local safetensors file with pretrained backbone weights.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random init.")] = 0,
 ) -> None:
     """Write an untrained model artifact (pretrained backbone if available, random heads)."""
@@ -89,7 +91,9 @@ def backbones() -> None:
     table = Table("backbone", "embedding dim", "default px", "parameters")
     for name in backbone_names():
         spec = get_backbone(name)
-        table.add_row(name, str(spec.embedding_dim), str(spec.default_image_size), f"{count_parameters(spec.build()):,}")
+        table.add_row(
+            name, str(spec.embedding_dim), str(spec.default_image_size), f"{count_parameters(spec.build()):,}"
+        )
     out_console.print(table)
 
 
@@ -128,16 +132,24 @@ def predict(
 @app.command()
 def tag(
     model: Annotated[str, typer.Option("--model", help="Model artifact directory (path or fsspec URL).")],
-    source: Annotated[str, typer.Option("--source", help="Image prefix (dir, s3://, any fsspec URL) or a .csv/.parquet manifest.")],
+    source: Annotated[
+        str, typer.Option("--source", help="Image prefix (dir, s3://, any fsspec URL) or a .csv/.parquet manifest.")
+    ],
     output: Annotated[str, typer.Option("--output", help="Output root (path or fsspec URL).")],
     run_id: Annotated[str | None, typer.Option("--run-id", help="Run id; reuse one to resume a crashed run.")] = None,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="local (default) | auto | ray://host:10001")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="local (default) | auto | ray://host:10001")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
-    actors: Annotated[int | None, typer.Option("--actors", min=1, help="Predictor actors (default: 1 per GPU, else 1).")] = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", min=1, help="Predictor actors (default: 1 per GPU, else 1).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     full: Annotated[bool, typer.Option("--full", help="Re-tag everything, not only new or changed images.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Tag at most N images.")] = None,
-    price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", help="USD per accelerator-hour for the savings report.")] = None,
+    price_per_hour: Annotated[
+        float | None, typer.Option("--price-per-hour", help="USD per accelerator-hour for the savings report.")
+    ] = None,
     allowed_root: Annotated[
         str | None, typer.Option("--allowed-root", help="Refuse the run if any image uri resolves outside this folder.")
     ] = None,
@@ -158,9 +170,19 @@ def tag(
     from catalog_tagger.job import TagJobConfig, run
     from catalog_tagger.summary import render_run_summary
 
-    params = dict(model=model, source=source, output=output, run_id=run_id, ray_address=ray_address,
-                  batch_size=batch_size, actors=actors, device=device, full=full, limit=limit,
-                  executor=executor)
+    params = dict(
+        model=model,
+        source=source,
+        output=output,
+        run_id=run_id,
+        ray_address=ray_address,
+        batch_size=batch_size,
+        actors=actors,
+        device=device,
+        full=full,
+        limit=limit,
+        executor=executor,
+    )
     if price_per_hour is not None:
         params["price_per_hour"] = price_per_hour
     if allowed_root is not None:
