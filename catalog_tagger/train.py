@@ -75,7 +75,7 @@ class TrainConfig(BaseModel):
     labels: str  # labels table (.parquet or .csv): a ``uri`` column and one column per task
     out: str  # model artifact directory to write (local path or fsspec URL)
     backbone: str = "small_cnn"  # backbone registry name (``catalog-tagger backbones``)
-    image_size: int = Field(default=128, ge=8, le=1024)  # square input size; images decoded once at this size
+    image_size: int | None = Field(default=None, ge=8, le=1024)  # square input px; default: the backbone's (128)
     epochs: int = Field(default=15, ge=1)  # upper bound (and the cosine period); early stopping may end sooner
     batch_size: int = Field(default=64, ge=2)  # global batch (split across workers on Ray)
     lr: float = Field(default=2e-3, gt=0, le=1)  # AdamW peak learning rate
@@ -90,12 +90,14 @@ class TrainConfig(BaseModel):
     seed: int = 0  # split, init, shuffling and augmentation
     weights: str | None = None  # safetensors file with pretrained backbone weights (else hub cache / random)
     dropout: float = Field(default=0.0, ge=0, lt=1)  # dropout on the embedding before every head
-    crop_scale: tuple[float, float] = (0.8, 1.0)  # random resized crop area range; 1,1 turns it off
+    # Random resized crop area range; (1, 1) turns it off. Not lower by default: a tighter crop can cut a corner
+    # sticker or a caption band out of the image and leave its badge label wrong.
+    crop_scale: tuple[float, float] = (0.8, 1.0)
     hflip: bool = True  # random horizontal flip
     color_jitter: float = Field(default=0.0, ge=0, le=0.5)  # brightness/contrast/saturation strength; 0 = off
     workers: int = Field(default=1, ge=1)  # >1: data-parallel on Ray Train (gloo on CPU)
     ray_address: str | None = None  # Ray cluster to train on (implies Ray Train even with 1 worker)
-    ray_storage_path: str | None = None  # where Ray Train keeps its checkpoint; shared storage on multi-node
+    ray_storage_path: str | None = None  # Ray Train run directory (default ~/ray_results); shared on multi-node
     single_task: bool = False  # also train one model per task and write comparison.json
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -846,12 +848,19 @@ def _thread_count(cfg: TrainConfig) -> int:
 
 
 # --------------------------------------------------------------------------------------------- entry point
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """The config with defaults that depend on other fields filled in (image size: the backbone's default)."""
+    spec = get_backbone(cfg.backbone)
+    size = cfg.image_size or spec.default_image_size
+    if size < spec.min_image_size:
+        raise UserError(f"image size {size} is below {cfg.backbone}'s minimum of {spec.min_image_size} px")
+    return cfg if cfg.image_size == size else cfg.model_copy(update={"image_size": size})
+
+
 def validate(cfg: TrainConfig) -> tuple[TaskConfig, LabelTable]:
     """Every check that needs no image: tasks, backbone, sizes, augmentation vs tasks, and the labels table."""
     tasks = load_tasks(cfg.tasks)
-    spec = get_backbone(cfg.backbone)
-    if cfg.image_size < spec.min_image_size:
-        raise UserError(f"image size {cfg.image_size} is below {cfg.backbone}'s minimum of {spec.min_image_size} px")
+    resolve(cfg)
     if cfg.color_jitter > 0:
         named = colour_tasks(tasks)
         if named:
@@ -868,6 +877,7 @@ def validate(cfg: TrainConfig) -> tuple[TaskConfig, LabelTable]:
 def train(cfg: TrainConfig) -> TrainResult:
     """Validate, decode once, split, fit, tune thresholds on val, measure on test, and save the artifact."""
     t_start = time.perf_counter()
+    cfg = resolve(cfg)
     tasks, table = validate(cfg)
     device = select_device(cfg.device)
     fs, root = fsspec.core.url_to_fs(cfg.out, **(cfg.storage_options or {}))
