@@ -218,7 +218,7 @@ def train(
     labels: Annotated[str, typer.Option("--labels", help="Labels table (.parquet/.csv): uri + a column per task.")],
     out: Annotated[str, typer.Option("--out", help="Model artifact directory to write.")],
     backbone: Annotated[str | None, typer.Option(help="Backbone registry name (default small_cnn).")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Input size in pixels (default 128).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input px (default: the backbone's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs; early stopping may stop sooner (15).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Global batch size (default 64).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-3).")] = None,

@@ -91,7 +91,7 @@ def fit_on_ray(cfg: TrainConfig, tasks: TaskConfig, data: TrainData, split: Spli
             scaling_config=ScalingConfig(
                 num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": 1}
             ),
-            run_config=RunConfig(name=f"catalog-tagger-train-{os.getpid()}"),
+            run_config=RunConfig(name=f"catalog-tagger-train-{os.getpid()}", storage_path=cfg.ray_storage_path),
         )
         result = trainer.fit()
         if result.error is not None:
