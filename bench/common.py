@@ -249,7 +249,8 @@ def ensure_artifact(name: str, task_names: list[str] | None = None) -> str:
     import torch
 
     from catalog_tagger.config import TaskConfig
-    from catalog_tagger.model import MultiHeadModel, card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
+    from catalog_tagger.model.multihead import MultiHeadModel
     from catalog_tagger.synthetic import SYNTH_TASKS
 
     tasks = SYNTH_TASKS.tasks if task_names is None else tuple(SYNTH_TASKS.task(t) for t in task_names)
@@ -323,7 +324,7 @@ class JobRun:
 
 
 def run_job(model: str, source: str, output: str, *, batch_size: int, full: bool = True, **kw: Any) -> JobRun:
-    from catalog_tagger.job import TagJobConfig, run
+    from catalog_tagger.tag.job import TagJobConfig, run
 
     cfg = TagJobConfig(model=model, source=source, output=output, batch_size=batch_size, full=full, **kw)
     t0 = time.perf_counter()

@@ -39,8 +39,8 @@ def run(ctx: Context) -> BenchResult:
     import torch
 
     from catalog_tagger.decode import decode_full, decode_image
-    from catalog_tagger.inference import output_columns, prepare_for_inference, run_batch, select_device
-    from catalog_tagger.model import load_artifact
+    from catalog_tagger.model.artifact import load_artifact
+    from catalog_tagger.model.inference import output_columns, prepare_for_inference, run_batch, select_device
 
     s = ctx.sizes
     want = s.decode_images

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_model(uri: str):
-    from catalog_tagger.inference import prepare_for_inference, select_device
-    from catalog_tagger.model import load_artifact
+    from catalog_tagger.model.artifact import load_artifact
+    from catalog_tagger.model.inference import prepare_for_inference, select_device
 
     model, card = load_artifact(uri)
     return prepare_for_inference(model, select_device("cpu")), card
@@ -46,7 +46,7 @@ def _load_model(uri: str):
 
 def bare_loop(model, images: np.ndarray, batch_size: int) -> float:
     """Forward passes only, on pre-decoded uint8 batches: the ceiling of any pipeline on this machine."""
-    from catalog_tagger.inference import run_batch
+    from catalog_tagger.model.inference import run_batch
 
     t0 = time.perf_counter()
     for i in range(0, len(images), batch_size):
@@ -57,7 +57,7 @@ def bare_loop(model, images: np.ndarray, batch_size: int) -> float:
 def plain_loop(model, card, uris: list[str], batch_size: int) -> float:
     """What a user would write without Ray: read, decode_image, one forward pass, output columns; sequential."""
     from catalog_tagger.decode import decode_image
-    from catalog_tagger.inference import output_columns, run_batch
+    from catalog_tagger.model.inference import output_columns, run_batch
 
     t0 = time.perf_counter()
     for i in range(0, len(uris), batch_size):
@@ -129,7 +129,7 @@ def _startup(model: str, source: str, out: Path, batch_size: int) -> dict:
 
 def _startup_child(model: str, source: str, out: str, batch_size: int, result: str) -> None:
     t0 = time.perf_counter()
-    from catalog_tagger import job  # noqa: F401 - timed: the imports a CLI run pays
+    from catalog_tagger.tag import job  # noqa: F401 - timed: the imports a CLI run pays
 
     import_s = time.perf_counter() - t0
     ray_init_s = start_ray()

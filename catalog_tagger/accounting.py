@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from catalog_tagger.inference import autocast
-from catalog_tagger.model import MultiHeadModel
+from catalog_tagger.model.inference import autocast
+from catalog_tagger.model.multihead import MultiHeadModel
 
 log = logging.getLogger(__name__)
 

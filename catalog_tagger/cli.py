@@ -72,7 +72,9 @@ def init_model(
     import torch
 
     from catalog_tagger.config import load_tasks
-    from catalog_tagger.model import build_model, card_for, get_backbone, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
+    from catalog_tagger.model.backbones import get_backbone
+    from catalog_tagger.model.multihead import build_model
 
     cfg = load_tasks(tasks)
     spec = get_backbone(backbone)
@@ -86,7 +88,8 @@ def init_model(
 @app.command()
 def backbones() -> None:
     """List the registered backbones."""
-    from catalog_tagger.model import backbone_names, count_parameters, get_backbone
+    from catalog_tagger.model.backbones import backbone_names, get_backbone
+    from catalog_tagger.model.multihead import count_parameters
 
     table = Table("backbone", "embedding dim", "default px", "parameters")
     for name in backbone_names():
@@ -106,7 +109,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Predict every task for a few images."""
-    from catalog_tagger.predict import predict_uris
+    from catalog_tagger.model.inference import predict_uris
 
     results = predict_uris(model, images, device=device)
     if as_json:
@@ -167,8 +170,8 @@ def tag(
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from catalog_tagger.job import TagJobConfig, run
-    from catalog_tagger.summary import render_run_summary
+    from catalog_tagger.render import render_run_summary
+    from catalog_tagger.tag.job import TagJobConfig, run
 
     params = dict(
         model=model,
@@ -236,8 +239,8 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
 ) -> None:
     """Train the multi-head model on a labels table and write the artifact (+ metrics.csv, split, report)."""
-    from catalog_tagger.train import TrainConfig, iter_comparison_rows
-    from catalog_tagger.train import train as run_training
+    from catalog_tagger.train.loop import TrainConfig, iter_comparison_rows
+    from catalog_tagger.train.loop import train as run_training
 
     cfg = TrainConfig.parse(
         tasks=tasks, labels=labels, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
@@ -384,7 +387,7 @@ def demo(
     images: Annotated[int, typer.Option(help="Synthetic images to make.")] = 600,
 ) -> None:
     """Run the whole product on a synthetic catalog, locally."""
-    from catalog_tagger.demo import run_demo
+    from flows.demo import run_demo
 
     run_demo(out, images=images, console=console)
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from catalog_tagger.errors import ConfigError
+from catalog_tagger.kinds import KINDS
 
 TaskKind = Literal["multiclass", "multilabel"]
 
@@ -75,17 +76,7 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _kind_rules(self) -> TaskSpec:
-        if self.kind == "multiclass":
-            if len(self.labels) < 2:
-                raise ValueError("labels: a multiclass task needs at least 2 labels")
-            if self.threshold is not None:
-                raise ValueError("threshold: only multilabel tasks have a threshold")
-        else:
-            if len(self.labels) < 1:
-                raise ValueError("labels: a multilabel task needs at least 1 label")
-            t = 0.5 if self.threshold is None else self.threshold
-            if not 0.0 < t < 1.0:
-                raise ValueError(f"threshold: {t} is outside (0, 1)")
+        KINDS[self.kind].check(self.labels, self.threshold)
         return self
 
     @property

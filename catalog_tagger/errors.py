@@ -21,3 +21,29 @@ class ArtifactError(UserError):
 
 class DecodeError(CatalogTaggerError):
     """One image could not be decoded; becomes an error row, never a crash."""
+
+
+class OutputWriteError(UserError):
+    """The output store refused a write for good (permission, not a folder, read-only): a rerun can resume."""
+
+
+class CommitError(CatalogTaggerError):
+    """A commit found its recorded state inconsistent (a staged file vanished): nothing more is published."""
+
+
+class CommitLockTimeout(CatalogTaggerError, TimeoutError):
+    """Another run held the output's commit lock for longer than we wait (a retry later may succeed)."""
+
+
+class CommitLockLost(CatalogTaggerError):
+    """Our commit lock was taken over (we were presumed dead): stop publishing; a rerun finishes the commit."""
+
+
+class RayJobFailed(CatalogTaggerError, RuntimeError):
+    """A Ray Jobs API submission ended FAILED or STOPPED; ``retryable`` says whether running it again may help."""
+
+    def __init__(self, message: str, *, status: str, submission_id: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.submission_id = submission_id
+        self.retryable = retryable

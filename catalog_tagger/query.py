@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_tagger import ledger
 from catalog_tagger.errors import UserError
-from catalog_tagger.ledger import Layout
 from catalog_tagger.schema import BASE_FIELDS, STATUS_OK
 from catalog_tagger.storage import filesystem, is_local, strip
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.commit import Layout
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +305,8 @@ def _embed_image(image: str, model_uri: str, model_version: str, storage_options
 
     from catalog_tagger.decode import decode_image
     from catalog_tagger.errors import DecodeError
-    from catalog_tagger.inference import prepare_for_inference, run_batch, select_device
-    from catalog_tagger.model import load_artifact
+    from catalog_tagger.model.artifact import load_artifact
+    from catalog_tagger.model.inference import prepare_for_inference, run_batch, select_device
 
     try:
         model, card = load_artifact(model_uri)

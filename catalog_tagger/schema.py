@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog_tagger.config import TaskConfig
+from catalog_tagger.kinds import kind_of
 
 # Bump on any change to the columns below, and say what changed in README "Output schema".
 OUTPUT_SCHEMA_VERSION = 1
@@ -30,15 +31,8 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
 
 
 def task_fields(tasks: TaskConfig) -> list[pa.Field]:
-    fields: list[pa.Field] = []
-    for t in tasks.tasks:
-        if t.kind == "multiclass":
-            fields.append(pa.field(t.name, pa.string()))  # the arg-max label
-            fields.append(pa.field(f"{t.name}_score", pa.float32()))  # its softmax probability
-        else:
-            fields.append(pa.field(t.name, pa.list_(pa.string())))  # labels at or over their threshold
-            fields.append(pa.field(f"{t.name}_scores", pa.list_(pa.float32())))  # sigmoid per label, label order
-    return fields
+    """Every task's output columns, in task order (each kind says which)."""
+    return [f for t in tasks.tasks for f in kind_of(t).fields(t)]
 
 
 def output_schema(tasks: TaskConfig, embedding_dim: int) -> pa.Schema:

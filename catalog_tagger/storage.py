@@ -43,10 +43,6 @@ _TRANSIENT_TEXT = (
 )
 
 
-class OutputWriteError(UserError):
-    """The output store refused a write for good (permission, not a folder, read-only): a rerun can resume."""
-
-
 _FS_CACHE: dict[tuple[str, str], AbstractFileSystem] = {}
 
 

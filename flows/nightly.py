@@ -22,11 +22,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
-from catalog_tagger import cluster
-from catalog_tagger import job as tag_job
-from catalog_tagger.errors import UserError
-from catalog_tagger.job import RunResult, TagJobConfig
-from catalog_tagger.summary import savings_rows
+from catalog_tagger.errors import RayJobFailed, UserError
+from catalog_tagger.render import savings_rows
+from catalog_tagger.tag import cluster
+from catalog_tagger.tag import job as tag_job
+from catalog_tagger.tag.job import RunResult, TagJobConfig
 from flows.params import NightlyParams
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def is_transient(exc: BaseException) -> bool:
     if any(isinstance(e, UserError) for e in chain):
         return False
     for e in chain:
-        if isinstance(e, cluster.RayJobFailed):
+        if isinstance(e, RayJobFailed):
             return e.retryable
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True

@@ -12,9 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR
-from catalog_tagger.cluster import ray_path
 from catalog_tagger.errors import ConfigError, UserError
-from catalog_tagger.job import TagJobConfig
+from catalog_tagger.tag.cluster import ray_path
+from catalog_tagger.tag.job import TagJobConfig
 
 
 def _required_uri(name: str, v: str) -> str:
@@ -100,6 +100,6 @@ class TrainParams(_Params):
 
     def train_config(self):
         """The library's ``TrainConfig`` (its own checks run here: a bad value is a ``ConfigError``)."""
-        from catalog_tagger.train import TrainConfig
+        from catalog_tagger.train.loop import TrainConfig
 
         return TrainConfig.parse(**self.model_dump(), progress=False)

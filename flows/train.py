@@ -17,7 +17,7 @@ TRAIN_RETRY = {**TRANSIENT_RETRY, "retries": 1}
 @task(name="train", **TRAIN_RETRY)
 def train_task(params: TrainParams) -> dict[str, Any]:
     """Train and save the artifact; return a JSON-able summary (the artifact itself is the result)."""
-    from catalog_tagger.train import train
+    from catalog_tagger.train.loop import train
 
     res = train(params.train_config())
     return {

@@ -99,7 +99,8 @@ def tiny_model_factory(tmp_path_factory):
         import torch
 
         from catalog_tagger.config import load_tasks
-        from catalog_tagger.model import build_model, card_for, save_artifact
+        from catalog_tagger.model.artifact import card_for, save_artifact
+        from catalog_tagger.model.multihead import build_model
 
         key = (str(tasks_uri), seed)
         if key not in cache:

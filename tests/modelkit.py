@@ -17,7 +17,8 @@ def centred_model(tasks_uri: str, images: list[str], out: Path, seed: int = 0) -
 
     from catalog_tagger.config import load_tasks
     from catalog_tagger.decode import decode_image
-    from catalog_tagger.model import build_model, card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
+    from catalog_tagger.model.multihead import build_model
 
     torch.manual_seed(seed)
     model = build_model(backbone="tiny_cnn", tasks=load_tasks(tasks_uri)).eval()

@@ -10,8 +10,8 @@ import torch
 
 from catalog_tagger.accounting import calibrate_single_task, compute_savings
 from catalog_tagger.config import parse_tasks
-from catalog_tagger.inference import prepare_for_inference, run_batch
-from catalog_tagger.model import build_model
+from catalog_tagger.model.inference import prepare_for_inference, run_batch
+from catalog_tagger.model.multihead import build_model
 
 ONE = parse_tasks({"tasks": [{"name": "color", "kind": "multiclass", "labels": ["a", "b", "c"]}]})
 MANY = parse_tasks(
@@ -83,9 +83,9 @@ def test_compute_savings_arithmetic():
 @pytest.mark.usefixtures("ray_local")
 def test_run_manifest_savings_are_measured(tmp_path):
     """The job's accelerator seconds agree with timing the same model on the same images in-process."""
-    from catalog_tagger.job import TagJobConfig, run
-    from catalog_tagger.model import card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
     from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.tag.job import TagJobConfig, run
 
     cat = generate(SynthConfig(out=str(tmp_path / "cat"), images=48, seed=3, min_size=300, max_size=360))
     torch.manual_seed(0)
@@ -109,9 +109,9 @@ def test_run_manifest_savings_are_measured(tmp_path):
 
 def test_user_baseline_artifacts_are_timed_instead_of_the_calibration(tmp_path):
     """``--baseline``: n real single-task artifacts; their measured cost replaces the backbone+head estimate."""
-    from catalog_tagger.job import TagJobConfig, run
-    from catalog_tagger.model import card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
     from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.tag.job import TagJobConfig, run
 
     cat = generate(SynthConfig(out=str(tmp_path / "cat"), images=24, seed=4, min_size=300, max_size=340))
     torch.manual_seed(0)

@@ -20,18 +20,17 @@ from typing import Any
 
 import pytest
 
-from catalog_tagger import ledger
-from catalog_tagger.cluster import (
+from catalog_tagger.errors import RayJobFailed, UserError
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.cluster import (
     RUN_ID_METADATA,
     JobsOptions,
-    RayJobFailed,
     job_runtime_env,
     ray_path,
     submit_tag_job,
     tag_entrypoint,
 )
-from catalog_tagger.errors import UserError
-from catalog_tagger.job import TagJobConfig
+from catalog_tagger.tag.job import TagJobConfig
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -327,8 +326,8 @@ def two_nodes() -> Iterator[TwoNodeCluster]:
 DRIVER = r"""
 import json, sys, time
 from ray.util.state import list_actors, list_nodes, list_tasks
-from catalog_tagger.cluster import RUN_ID_METADATA, run_tag
-from catalog_tagger.job import TagJobConfig
+from catalog_tagger.tag.cluster import RUN_ID_METADATA, run_tag
+from catalog_tagger.tag.job import TagJobConfig
 
 address, dashboard, model, source, output, run_id = sys.argv[1:7]
 cfg = TagJobConfig(model=model, source=source, output=output, ray_address=address, run_id=run_id, actors=2,
@@ -359,7 +358,8 @@ print("RESULT " + json.dumps({"ok": res.ok, "run_id": res.run_id, "committed": r
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory) -> dict[str, str]:
     from catalog_tagger.config import load_tasks
-    from catalog_tagger.model import build_model, card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
+    from catalog_tagger.model.multihead import build_model
     from catalog_tagger.synthetic import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("cluster")

@@ -107,7 +107,8 @@ def local_prefect(tmp_path_factory) -> Iterator[LocalPrefect]:
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory) -> dict[str, str]:
     from catalog_tagger.config import load_tasks
-    from catalog_tagger.model import build_model, card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
+    from catalog_tagger.model.multihead import build_model
     from catalog_tagger.synthetic import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("e2e")

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_tagger import ledger
-from catalog_tagger.job import TagJobConfig, choose_executor, run
 from catalog_tagger.synthetic import SynthConfig, generate, write_bad_images
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.job import TagJobConfig, choose_executor, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -23,12 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 from faultproxy import Burst, DenyWritesAfter, EveryNth, FaultProxy
 
-from catalog_tagger import ledger
 from catalog_tagger.config import load_tasks
-from catalog_tagger.job import TagJobConfig, run
-from catalog_tagger.predictor import ENV_BATCH_DELAY_S, ENV_KILL_AT_BATCH, ENV_KILL_MARKER
-from catalog_tagger.storage import OutputWriteError, filesystem, retry_transient, write_bytes_atomic
+from catalog_tagger.errors import CommitLockLost, CommitLockTimeout, OutputWriteError
+from catalog_tagger.storage import filesystem, retry_transient, write_bytes_atomic
 from catalog_tagger.synthetic import SynthConfig, generate
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.job import TagJobConfig, run
+from catalog_tagger.tag.predictor import ENV_BATCH_DELAY_S, ENV_KILL_AT_BATCH, ENV_KILL_MARKER
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -387,7 +388,7 @@ def test_two_cli_runs_started_at_once_commit_each_image_once(images, model, clea
 def test_commit_lock_excludes_waits_and_times_out_clearly(tmp_path):
     layout = ledger.Layout(str(tmp_path / "out"))
     first = ledger.acquire_commit_lock(layout, "first")
-    with pytest.raises(ledger.CommitLockTimeout, match=r"held by run first .*Rerun later with the same run id"):
+    with pytest.raises(CommitLockTimeout, match=r"held by run first .*Rerun later with the same run id"):
         ledger.acquire_commit_lock(layout, "second", wait_s=0.3)
     got = {}
 
@@ -404,7 +405,7 @@ def test_commit_lock_excludes_waits_and_times_out_clearly(tmp_path):
     assert body["run_id"] == "second" and body["pid"] == os.getpid() and body["host"]
     got["lock"].refresh(every_s=0)  # a long commit keeps its lock fresh...
     Path(got["lock"].uri).write_text(json.dumps({"token": "someone-else", "run_id": "thief"}))
-    with pytest.raises(ledger.CommitLockLost):  # ...and stops publishing if it was taken over meanwhile
+    with pytest.raises(CommitLockLost):  # ...and stops publishing if it was taken over meanwhile
         got["lock"].refresh(every_s=0)
     ledger.release_commit_lock(got["lock"])  # never removes another run's lock
     assert json.loads(Path(got["lock"].uri).read_text())["run_id"] == "thief"
@@ -426,7 +427,7 @@ def test_stale_commit_lock_is_taken_over(tmp_path):
     lock_path.write_text(json.dumps({"token": "t2", "run_id": "hung", "host": "other-host", "pid": 1}))
     old = time.time() - 120
     os.utime(lock_path, (old, old))
-    with pytest.raises(ledger.CommitLockTimeout):
+    with pytest.raises(CommitLockTimeout):
         ledger.acquire_commit_lock(layout, "next", wait_s=0.2, stale_s=3600)
     lock = ledger.acquire_commit_lock(layout, "next", wait_s=1, stale_s=60)
     assert json.loads(lock_path.read_text())["run_id"] == "next"
@@ -441,7 +442,7 @@ def test_s3_commit_lock_is_a_conditional_put_and_survives_lost_answers(s3_server
         layout = ledger.Layout(f"s3://{bucket}/out", via(proxy, direct))
         lock = ledger.acquire_commit_lock(layout, "first", wait_s=5)
         proxy.rules.clear()
-        with pytest.raises(ledger.CommitLockTimeout, match="held by run first"):
+        with pytest.raises(CommitLockTimeout, match="held by run first"):
             ledger.acquire_commit_lock(layout, "second", wait_s=0.3)
         lock.refresh(every_s=0)  # a conditional overwrite (If-Match on its ETag): still ours, still releasable
         ledger.release_commit_lock(lock)

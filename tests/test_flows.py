@@ -11,9 +11,8 @@ from typing import Any
 import pyarrow.dataset as pads
 import pytest
 
-from catalog_tagger import job as tag_job
-from catalog_tagger.cluster import RayJobFailed
-from catalog_tagger.errors import ConfigError, UserError
+from catalog_tagger.errors import ConfigError, RayJobFailed, UserError
+from catalog_tagger.tag import job as tag_job
 from flows import nightly
 from flows.nightly import backfill, is_transient, nightly_tagging, savings_table, summary_markdown
 from flows.params import NightlyParams, TrainParams
@@ -139,7 +138,8 @@ def harness():
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory) -> dict[str, str]:
     from catalog_tagger.config import load_tasks
-    from catalog_tagger.model import build_model, card_for, save_artifact
+    from catalog_tagger.model.artifact import card_for, save_artifact
+    from catalog_tagger.model.multihead import build_model
     from catalog_tagger.synthetic import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("flows")
@@ -306,7 +306,7 @@ def test_train_model_flow(harness, catalog, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_run_local_demo_runs_two_nights(harness, ray_local, catalog, tmp_path) -> None:
-    from catalog_tagger.job import RunResult
+    from catalog_tagger.tag.job import RunResult
 
     added: list[bool] = []
     first, second = nightly.run_local_demo(

@@ -10,18 +10,9 @@ from torch import nn
 
 from catalog_tagger.config import parse_tasks
 from catalog_tagger.errors import ArtifactError, UserError
-from catalog_tagger.model import (
-    BackboneSpec,
-    ModelCard,
-    backbone_names,
-    build_model,
-    card_for,
-    get_backbone,
-    load_artifact,
-    load_card,
-    register_backbone,
-    save_artifact,
-)
+from catalog_tagger.model.artifact import ModelCard, card_for, load_artifact, load_card, save_artifact
+from catalog_tagger.model.backbones import BackboneSpec, backbone_names, get_backbone, register_backbone
+from catalog_tagger.model.multihead import build_model
 
 TASKS = parse_tasks(
     {

@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 
 from catalog_tagger.config import RESERVED_COLUMNS, TaskConfig, parse_tasks
 from catalog_tagger.errors import ConfigError
-from catalog_tagger.inference import output_columns
-from catalog_tagger.model import ModelCard, ModelOutput
-from catalog_tagger.predictor import ACCEL_COL, CALIB_COL, DECODE_COL, Predictor
+from catalog_tagger.model.artifact import ModelCard
+from catalog_tagger.model.inference import output_columns
+from catalog_tagger.model.multihead import ModelOutput
 from catalog_tagger.schema import BASE_FIELDS, OUTPUT_SCHEMA_VERSION, output_schema
+from catalog_tagger.tag.predictor import ACCEL_COL, CALIB_COL, DECODE_COL, Predictor
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 from modelkit import centred_model
 
-from catalog_tagger import ledger
 from catalog_tagger.errors import UserError
-from catalog_tagger.job import TagJobConfig, run
 from catalog_tagger.query import RUNS_SCHEMA, VIEWS, connect, query, similar
 from catalog_tagger.synthetic import SynthConfig, generate
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.job import TagJobConfig, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from modelkit import centred_model
 
-from catalog_tagger import ledger
-from catalog_tagger.job import TagJobConfig, run
 from catalog_tagger.report import render_report, savings_items, write_report
 from catalog_tagger.synthetic import SynthConfig, generate
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.job import TagJobConfig, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

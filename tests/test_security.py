@@ -17,10 +17,10 @@ import pyarrow as pa
 import pytest
 
 from catalog_tagger.errors import ArtifactError, UserError
-from catalog_tagger.job import TagJobConfig, run
-from catalog_tagger.predictor import DecodeStage, Predictor
 from catalog_tagger.storage import filesystem
 from catalog_tagger.synthetic import SynthConfig, generate
+from catalog_tagger.tag.job import TagJobConfig, run
+from catalog_tagger.tag.predictor import DecodeStage, Predictor
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -95,7 +95,7 @@ def test_full_load_and_tag_never_unpickles(model, images, monkeypatch):
     predictor = Predictor(model, run_id="r", tagged_at=datetime.now(UTC), device="cpu", calibrate=False)
     table = predictor(batch)
     assert table.num_rows == 4 and table.column("status").to_pylist() == ["ok"] * 4
-    from catalog_tagger.predict import predict_uris
+    from catalog_tagger.model.inference import predict_uris
 
     assert [r["status"] for r in predict_uris(model, images[:2], device="cpu")] == ["ok", "ok"]
     assert calls == []

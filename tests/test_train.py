@@ -16,22 +16,15 @@ import torch
 
 from catalog_tagger.config import parse_tasks
 from catalog_tagger.errors import UserError
-from catalog_tagger.metrics import (
+from catalog_tagger.model.artifact import load_artifact
+from catalog_tagger.model.multihead import build_model
+from catalog_tagger.train.loop import Augment, TrainConfig, combine_losses, load_labels, make_split, task_losses, train
+from catalog_tagger.train.metrics import (
     average_precision,
     confusion_matrix,
     multiclass_metrics,
     multilabel_metrics,
     tune_thresholds,
-)
-from catalog_tagger.model import build_model, load_artifact
-from catalog_tagger.train import (
-    Augment,
-    TrainConfig,
-    combine_losses,
-    load_labels,
-    make_split,
-    task_losses,
-    train,
 )
 
 TASKS = parse_tasks(
@@ -81,7 +74,7 @@ def write_labels(path, rows: list[dict]) -> str:
 
 # --------------------------------------------------------------------------------------------- end to end
 def test_artifact_loads_and_predicts(trained, catalog):
-    from catalog_tagger.predict import predict_uris
+    from catalog_tagger.model.inference import predict_uris
 
     model, card = load_artifact(trained.out)
     assert card.backbone == "tiny_cnn" and card.image_size == 32

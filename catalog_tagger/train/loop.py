@@ -9,7 +9,6 @@ Train workers; ``--single-task`` trains one model per task on the same split and
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import hashlib
@@ -25,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,19 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from catalog_tagger.config import TaskConfig, TaskSpec, load_tasks
 from catalog_tagger.decode import decode_image
 from catalog_tagger.errors import ConfigError, DecodeError, UserError
-from catalog_tagger.inference import select_device
-from catalog_tagger.metrics import multiclass_metrics, multilabel_metrics, tune_thresholds
-from catalog_tagger.model import (
-    CARD_FILE,
-    ModelCard,
-    MultiHeadModel,
-    build_model,
-    card_for,
-    count_parameters,
-    get_backbone,
-    save_artifact,
-)
+from catalog_tagger.model.artifact import ModelCard, card_for, save_artifact
+from catalog_tagger.model.backbones import get_backbone
+from catalog_tagger.model.inference import autocast, select_device, to_device
+from catalog_tagger.model.multihead import MultiHeadModel, build_model, count_parameters
+from catalog_tagger.model.weights import CARD_FILE
 from catalog_tagger.storage import is_local, join, strip
+from catalog_tagger.train.metrics import multiclass_metrics, multilabel_metrics, tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +325,7 @@ def decode_all(
 
     Threads overlap object-store latency, and Pillow releases the GIL while it decodes and resizes.
     """
-    from catalog_tagger.predictor import read_with_retries
+    from catalog_tagger.tag.predictor import read_with_retries
 
     n = len(uris)
     cache = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
@@ -523,18 +517,6 @@ class TrainData:
         return x.to(device, non_blocking=True), {k: v.to(device, non_blocking=True) for k, v in y.items()}
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[object]:
-    # bf16 only: fp16 would need a GradScaler, and every GPU worth training on has bf16 now.
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to_device(model: MultiHeadModel, device: torch.device) -> MultiHeadModel:
-    model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-
-
 def _inputs(model: MultiHeadModel, x_uint8: torch.Tensor, aug: Augment | None, gen: torch.Generator) -> torch.Tensor:
     """uint8 NHWC -> (augmented) normalised NCHW, exactly ``model.prepare`` when there is no augmentation."""
     if aug is None:
@@ -583,7 +565,7 @@ def evaluate(
     for start in range(0, idx.size, batch_size):
         chunk = idx[start : start + batch_size]
         x, y = data.batch(chunk, device)
-        with _autocast(device, amp):
+        with autocast(device, bf16_only=True) if amp else nullcontext():
             out = model(_inputs(model, x, None, gen))
         for name, (s, c) in task_losses(out.logits, y, tasks).items():
             sums[name] += float(s)
@@ -745,7 +727,7 @@ def fit(
             for b, start in enumerate(bounds):
                 end = bounds[b + 1] if b + 1 < len(bounds) else perm.size
                 x, y = data.batch(perm[start:end], device)
-                with _autocast(device, cfg.amp):
+                with autocast(device, bf16_only=True) if cfg.amp else nullcontext():
                     out = net(_inputs(model, x, aug_or_none, gen))
                 loss = combine_losses(task_losses(out.logits, y, tasks), tasks)
                 opt.zero_grad(set_to_none=True)
@@ -935,15 +917,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Train.
     t0 = time.perf_counter()
     if cfg.distributed:
-        from catalog_tagger.train_ray import fit_on_ray
+        from catalog_tagger.train.distributed import fit_on_ray
 
         model, fit_res = fit_on_ray(cfg, tasks, data, split)
-        _to_device(model, device)
+        to_device(model, device)
         _write_bytes(cfg.out, METRICS_FILE, metrics_csv(fit_res.history), cfg.storage_options)
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(backbone=cfg.backbone, tasks=tasks, weights=cfg.weights, dropout=cfg.dropout)
-        _to_device(model, device)
+        to_device(model, device)
         history: list[dict[str, Any]] = []
 
         def log_epoch(row: dict[str, Any]) -> None:
@@ -1124,7 +1106,7 @@ def compare_single_task(
         sub = TaskConfig(tasks=(task,))
         torch.manual_seed(cfg.seed)
         m = build_model(backbone=cfg.backbone, tasks=sub, weights=cfg.weights, dropout=cfg.dropout)
-        _to_device(m, device)
+        to_device(m, device)
         res = fit(m, data, split, cfg, device, label=f"single-task {task.name}")
         thr, met = tune_and_test(m, data, split, cfg, device)
         card = card_for(m, image_size=cfg.image_size)

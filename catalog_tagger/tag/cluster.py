@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from catalog_tagger import job, ledger
-from catalog_tagger.errors import UserError
-from catalog_tagger.job import RunResult, TagJobConfig
+from catalog_tagger.errors import RayJobFailed, UserError
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag import job
+from catalog_tagger.tag.job import RunResult, TagJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,6 @@ def ray_path(address: str | None) -> RayPath:
         f"ray_address {address!r} is not understood: use 'local' (embedded Ray), 'auto', 'ray://head:10001' or "
         "'head:6379' (connect to a cluster), or the dashboard 'http://head:8265' (submit through the Ray Jobs API)"
     )
-
-
-class RayJobFailed(RuntimeError):
-    """A Ray Jobs API submission ended FAILED or STOPPED; ``retryable`` says whether running it again may help."""
-
-    def __init__(self, message: str, *, status: str, submission_id: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.status = status
-        self.submission_id = submission_id
-        self.retryable = retryable
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog_tagger.errors import CatalogTaggerError
+from catalog_tagger.errors import CommitError, CommitLockLost, CommitLockTimeout
 from catalog_tagger.storage import (
     create_exclusive,
     filesystem,
@@ -43,14 +43,6 @@ MANIFEST_VERSION = 1
 LOCK_WAIT_S = 1800.0  # how long a commit waits for another run's commit on the same output
 LOCK_STALE_S = 900.0  # a lock not refreshed for this long is presumed dead and taken over
 LOCK_REFRESH_S = 60.0  # a long commit refreshes its lock this often, so it never looks stale
-
-
-class CommitLockTimeout(CatalogTaggerError, TimeoutError):
-    """Another run held the output's commit lock for longer than we wait (a retry later may succeed)."""
-
-
-class CommitLockLost(CatalogTaggerError):
-    """Our commit lock was taken over (we were presumed dead): stop publishing; a rerun finishes the commit."""
 
 
 @dataclass(frozen=True)
@@ -290,7 +282,7 @@ def _move_once(fs, run_id: str, src_uri: str, dst_uri: str) -> None:
         fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         fs.mv(src, dst)
     elif not fs.exists(dst):
-        raise RuntimeError(f"commit of run {run_id}: staged file {src_uri} vanished before it was published")
+        raise CommitError(f"commit of run {run_id}: staged file {src_uri} vanished before it was published")
 
 
 def pending_commit(layout: Layout, run_id: str) -> bool:

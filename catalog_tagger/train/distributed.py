@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load as st_load
 
 from catalog_tagger.config import TaskConfig, parse_tasks
-from catalog_tagger.model import MultiHeadModel, build_model, state_bytes
-from catalog_tagger.train import Dist, FitResult, Split, TrainConfig, TrainData, _to_device, fit
+from catalog_tagger.model.inference import to_device
+from catalog_tagger.model.multihead import MultiHeadModel, build_model
+from catalog_tagger.model.weights import state_bytes
+from catalog_tagger.train.loop import Dist, FitResult, Split, TrainConfig, TrainData, fit
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = build_model(backbone=cfg.backbone, tasks=tasks, weights=cfg.weights, dropout=cfg.dropout)
-    _to_device(model, device)
+    to_device(model, device)
     net = ray.train.torch.prepare_model(model, move_to_device=False)
 
     def report(row: dict[str, Any]) -> None:

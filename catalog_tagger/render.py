@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from catalog_tagger.job import RunResult
+from catalog_tagger.tag.job import RunResult
 
 
 def savings_rows(savings: dict) -> list[tuple[str, str]]:

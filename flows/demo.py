@@ -16,9 +16,9 @@ DEMO_TRAIN = {"backbone": "small_cnn", "image_size": 96, "epochs": 50, "batch_si
 
 def run_demo(out: Path, *, images: int = 600, console: Console) -> dict:
     """synth -> train -> nightly flow (twice: everything, then nothing new) -> report -> predict."""
-    from catalog_tagger.predict import predict_uris
+    from catalog_tagger.model.inference import predict_uris
     from catalog_tagger.synthetic import SynthConfig, generate
-    from catalog_tagger.train import TrainConfig, train
+    from catalog_tagger.train.loop import TrainConfig, train
 
     out = out.resolve()
     t0 = time.perf_counter()
@@ -45,7 +45,7 @@ def run_demo(out: Path, *, images: int = 600, console: Console) -> dict:
     console.rule("2/5 train the multi-head model")
     if (model_dir / "model.json").exists():
         console.print(f"reusing {model_dir}")
-        from catalog_tagger.model import load_card
+        from catalog_tagger.model.artifact import load_card
 
         metrics = load_card(str(model_dir)).metrics
     else:
@@ -63,7 +63,7 @@ def run_demo(out: Path, *, images: int = 600, console: Console) -> dict:
     first, second = run_local_demo(
         source=str(catalog / "images"), output=str(output), model=str(model_dir), executor="ray"
     )
-    from catalog_tagger.summary import render_run_summary
+    from catalog_tagger.render import render_run_summary
 
     render_run_summary(first, console)
     console.print(f"second run: {second.processed} new image(s), {second.unchanged} unchanged")

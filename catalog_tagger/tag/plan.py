@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from catalog_tagger import ledger
-from catalog_tagger.ledger import Layout
 from catalog_tagger.storage import filesystem, strip
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag.commit import Layout
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import math
 import os
-import posixpath
 import time
 import uuid
 import warnings
@@ -22,13 +21,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from catalog_tagger import incremental, ledger
 from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR, compute_savings
-from catalog_tagger.errors import ArtifactError, UserError
-from catalog_tagger.incremental import plan_work
-from catalog_tagger.ledger import Layout
-from catalog_tagger.model import CARD_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, load_card
-from catalog_tagger.predictor import (
+from catalog_tagger.errors import ArtifactError, CommitLockLost, CommitLockTimeout, OutputWriteError, UserError
+from catalog_tagger.model.artifact import check_weights, load_card
+from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
+from catalog_tagger.storage import filesystem, is_local, is_storage_error, is_transient, redact, retry_transient, strip
+from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag import plan as incremental
+from catalog_tagger.tag.commit import Layout
+from catalog_tagger.tag.plan import plan_work
+from catalog_tagger.tag.predictor import (
     ACCEL_COL,
     CALIB_COL,
     DECODE_COL,
@@ -37,18 +39,7 @@ from catalog_tagger.predictor import (
     FaultInjection,
     Predictor,
 )
-from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
-from catalog_tagger.sources import list_source, refuse_outside_root
-from catalog_tagger.storage import (
-    OutputWriteError,
-    filesystem,
-    is_local,
-    is_storage_error,
-    is_transient,
-    redact,
-    retry_transient,
-    strip,
-)
+from catalog_tagger.tag.sources import list_source, refuse_outside_root
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +140,6 @@ def _check_output_writable(cfg: TagJobConfig) -> None:
         raise UserError(f"output {redact(cfg.output)!r} is not writable: {type(err).__name__}: {err}") from None
 
 
-def _check_model_weights(uri: str) -> None:
-    """A card without safetensors weights is refused here, before Ray: pickle checkpoints are never loaded."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    try:
-        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return  # load_card already said what is wrong
-    if WEIGHTS_FILE in names:
-        return
-    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
-    found = (
-        f"; it holds pickle checkpoint(s) {pickles}, and pickle is refused (loading one can run code)"
-        if pickles
-        else ""
-    )
-    raise ArtifactError(
-        f"{redact(uri)}: {CARD_FILE} but no {WEIGHTS_FILE}{found}. A model artifact is safetensors weights + "
-        f"{CARD_FILE} (catalog-tagger train and init-model write that)"
-    )
-
-
 def _check_allowed_root(cfg: TagJobConfig) -> None:
     root = cfg.allowed_root
     if root is None:
@@ -187,7 +155,7 @@ def _check_baselines(cfg: TagJobConfig) -> None:
     size = load_card(cfg.model).image_size
     for uri in cfg.baseline:
         card = load_card(uri)
-        _check_model_weights(uri)
+        check_weights(uri)
         if card.image_size != size:
             raise UserError(
                 f"baseline {redact(uri)!r} takes {card.image_size} px images, the model {size} px: baselines are "
@@ -203,7 +171,7 @@ def validate(cfg: TagJobConfig) -> None:
         raise
     except FileNotFoundError:
         raise UserError(f"model {redact(cfg.model)!r} not found") from None
-    _check_model_weights(cfg.model)
+    check_weights(cfg.model)
     _check_baselines(cfg)
     _check_allowed_root(cfg)
     _check_source_exists(cfg)
@@ -493,7 +461,7 @@ def _output_errors(run_id: str, output: str) -> Iterator[None]:
     """Turn a store's final refusal of a write into one clear error saying what was kept and how to resume."""
     try:
         yield
-    except (UserError, ledger.CommitLockTimeout, ledger.CommitLockLost):
+    except (UserError, CommitLockTimeout, CommitLockLost):
         raise
     except Exception as err:
         if not is_storage_error(err):

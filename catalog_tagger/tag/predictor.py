@@ -136,8 +136,8 @@ class Predictor:
     ) -> None:
         import torch
 
-        from catalog_tagger.inference import prepare_for_inference, select_device
-        from catalog_tagger.model import load_artifact
+        from catalog_tagger.model.artifact import load_artifact
+        from catalog_tagger.model.inference import prepare_for_inference, select_device
 
         if threads:
             torch.set_num_threads(threads)
@@ -178,7 +178,7 @@ class Predictor:
         os._exit(13)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from catalog_tagger.inference import output_columns, run_batch
+        from catalog_tagger.model.inference import output_columns, run_batch
 
         self.batches += 1
         self._maybe_fault()

@@ -1,0 +1,1 @@
+"""The multi-head model: backbone registry, the model, its artifact on disk, and inference helpers."""

@@ -1,0 +1,115 @@
+"""Backbone registry: trunks that map (B, 3, H, W) images to a flat embedding, refusing duplicate names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from catalog_tagger.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone: a trunk that maps (B, 3, H, W) to an embedding (B, dim)."""
+
+    name: str
+    build: Callable[[], nn.Module]  # random-init trunk ending in a flat embedding
+    embedding_dim: int
+    torchvision_weights: str | None = None  # torchvision weights enum entry, to find the hub cache file
+    default_image_size: int = 224
+    min_image_size: int = 32  # smallest input the trunk accepts
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry; a duplicate name is refused."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def backbone_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}") from None
+
+
+class Trunk(nn.Module):
+    """torchvision ``features`` + global pooling (+ optional norm) + flatten."""
+
+    def __init__(self, features: nn.Module, post: nn.Module | None = None) -> None:
+        super().__init__()
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.post = post if post is not None else nn.Identity()
+        self.flatten = nn.Flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.post(self.pool(self.features(x))))
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models as tvm
+
+        m = getattr(tvm, name)(weights=None)
+        if name.startswith("resnet"):
+            m.fc = nn.Identity()
+            return m
+        if name.startswith("convnext"):
+            # convnext's classifier starts with a LayerNorm2d that belongs to the embedding.
+            return Trunk(m.features, post=m.classifier[0])
+        return Trunk(m.features)
+
+    return build
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _tiny_cnn() -> nn.Module:
+    # For tests: runs the whole pipeline on a CPU in milliseconds per batch.
+    return Trunk(nn.Sequential(_conv_bn(3, 8, 2), _conv_bn(8, 16, 2), _conv_bn(16, 32, 2)))
+
+
+def _small_cnn() -> nn.Module:
+    # A compact from-scratch CNN: learns the synthetic catalog on a 2-core CPU in minutes.
+    return Trunk(
+        nn.Sequential(
+            _conv_bn(3, 24, 2),
+            _conv_bn(24, 32, 1),
+            _conv_bn(32, 48, 2),
+            _conv_bn(48, 64, 1),
+            _conv_bn(64, 96, 2),
+            _conv_bn(96, 128, 2),
+            _conv_bn(128, 128, 1),
+        )
+    )
+
+
+for _spec in (
+    BackboneSpec("tiny_cnn", _tiny_cnn, 32, default_image_size=64, min_image_size=8),
+    BackboneSpec("small_cnn", _small_cnn, 128, default_image_size=128, min_image_size=16),
+    BackboneSpec("mobilenet_v3_small", _tv("mobilenet_v3_small"), 576, "MobileNet_V3_Small_Weights.IMAGENET1K_V1"),
+    BackboneSpec("mobilenet_v3_large", _tv("mobilenet_v3_large"), 960, "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+    BackboneSpec("resnet18", _tv("resnet18"), 512, "ResNet18_Weights.IMAGENET1K_V1"),
+    BackboneSpec("resnet50", _tv("resnet50"), 2048, "ResNet50_Weights.IMAGENET1K_V1"),
+    BackboneSpec("efficientnet_b0", _tv("efficientnet_b0"), 1280, "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+    BackboneSpec("convnext_tiny", _tv("convnext_tiny"), 768, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"),
+):
+    register_backbone(_spec)

@@ -1,0 +1,1 @@
+"""The tagging job: list -> plan -> read/decode -> predict -> sink -> commit, one module per stage."""

@@ -1,0 +1,1 @@
+"""Training: labels table -> multi-head artifact (single-task comparison, Ray Train path)."""
