@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format bench install clean deploy-local
+.PHONY: demo test test-fast lint typecheck format bench install clean deploy-local
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check catalog_tagger flows tests bench
 	$(VENV)/bin/ruff format --check catalog_tagger flows tests bench
+
+# mypy over the library; strict on model/, tag/ and train/ (pyproject [tool.mypy]).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format catalog_tagger flows tests bench

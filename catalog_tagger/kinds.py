@@ -134,7 +134,7 @@ class Multiclass(Kind):
         return F.cross_entropy(logits.float(), y.clamp(min=0), reduction="none"), (y >= 0).float()
 
     def metrics(self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None) -> dict:
-        from catalog_tagger.train.metrics import multiclass_metrics
+        from catalog_tagger.metrics import multiclass_metrics
 
         m = self.labelled(y)
         return multiclass_metrics(y[m], scores[m].argmax(1), len(task.labels))
@@ -202,14 +202,14 @@ class Multilabel(Kind):
         return per, (y[:, 0] >= 0).float()
 
     def metrics(self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None) -> dict:
-        from catalog_tagger.train.metrics import multilabel_metrics
+        from catalog_tagger.metrics import multilabel_metrics
 
         m = self.labelled(y)
         thr = thresholds or [task.effective_threshold] * len(task.labels)
         return multilabel_metrics(y[m] > 0.5, scores[m], thr, labels=task.labels)
 
     def tune(self, y: np.ndarray, scores: np.ndarray) -> list[float] | None:
-        from catalog_tagger.train.metrics import tune_thresholds
+        from catalog_tagger.metrics import tune_thresholds
 
         m = self.labelled(y)
         return tune_thresholds(y[m] > 0.5, scores[m], default=0.5)

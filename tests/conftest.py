@@ -112,3 +112,30 @@ def tiny_model_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def catalog_kit(tmp_path_factory, tiny_model_factory):
+    """Make a synthetic catalog plus a tiny model for its tasks, in a fresh folder: the one fixture every
+    pipeline test module builds on (each call makes its own copy, so a test may add files to it).
+
+    Returns a dict: ``source`` (images folder), ``model``, ``root``, ``tasks``, ``labels``, ``images`` (paths)
+    and ``synth`` (the ``SynthResult``).
+    """
+    from catalog_tagger.synthetic import SynthConfig, generate
+
+    def make(*, images: int = 20, seed: int = 0, min_size: int = 300, max_size: int = 400, name: str = "kit"):
+        root = tmp_path_factory.mktemp(name)
+        synth = generate(SynthConfig(out=str(root / "cat"), images=images, seed=seed, min_size=min_size,
+                                     max_size=max_size))  # fmt: skip
+        return {
+            "source": str(root / "cat" / "images"),
+            "model": tiny_model_factory(synth.tasks_uri),
+            "root": str(root),
+            "tasks": synth.tasks_uri,
+            "labels": synth.labels_uri,
+            "images": list(synth.images),
+            "synth": synth,
+        }
+
+    return make

@@ -45,7 +45,7 @@ from catalog_tagger.model.inference import autocast, select_device, to_device
 from catalog_tagger.model.multihead import MultiHeadModel, build_model, count_parameters
 from catalog_tagger.model.weights import CARD_FILE
 from catalog_tagger.storage import is_local, join, strip
-from catalog_tagger.train.metrics import multiclass_metrics, multilabel_metrics, tune_thresholds
+from catalog_tagger.metrics import multiclass_metrics, multilabel_metrics, tune_thresholds
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from catalog_tagger.errors import UserError
 from catalog_tagger.model.artifact import load_artifact
 from catalog_tagger.model.multihead import build_model
 from catalog_tagger.train.loop import Augment, TrainConfig, combine_losses, load_labels, make_split, task_losses, train
-from catalog_tagger.train.metrics import (
+from catalog_tagger.metrics import (
     average_precision,
     confusion_matrix,
     multiclass_metrics,

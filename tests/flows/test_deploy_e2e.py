@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -105,17 +105,9 @@ def local_prefect(tmp_path_factory) -> Iterator[LocalPrefect]:
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory) -> dict[str, str]:
-    from catalog_tagger.config import load_tasks
-    from catalog_tagger.model.artifact import card_for, save_artifact
-    from catalog_tagger.model.multihead import build_model
-    from catalog_tagger.synthetic import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("e2e")
-    synth = generate(SynthConfig(out=str(root / "cat"), images=20, seed=0, min_size=300, max_size=400))
-    model = build_model(backbone="tiny_cnn", tasks=load_tasks(synth.tasks_uri))
-    save_artifact(model, card_for(model, image_size=32), str(root / "model"))
-    return {"source": str(root / "cat" / "images"), "model": str(root / "model"), "output": str(root / "out")}
+def catalog(catalog_kit) -> dict[str, str]:
+    kit = catalog_kit(name="e2e")
+    return {"source": kit["source"], "model": kit["model"], "output": str(Path(kit["root"]) / "out")}
 
 
 def test_deployment_run_commits_the_catalog(local_prefect: LocalPrefect, catalog: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PREFECT_FILES = ["prefect.yaml", "prefect-k8s.yaml"]
 FLOW_NAMES = {

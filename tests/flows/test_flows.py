@@ -136,23 +136,9 @@ def harness():
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory) -> dict[str, str]:
-    from catalog_tagger.config import load_tasks
-    from catalog_tagger.model.artifact import card_for, save_artifact
-    from catalog_tagger.model.multihead import build_model
-    from catalog_tagger.synthetic import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("flows")
-    synth = generate(SynthConfig(out=str(root / "cat"), images=20, seed=0, min_size=300, max_size=400))
-    model = build_model(backbone="tiny_cnn", tasks=load_tasks(synth.tasks_uri))
-    save_artifact(model, card_for(model, image_size=32), str(root / "model"))
-    return {
-        "source": str(root / "cat" / "images"),
-        "model": str(root / "model"),
-        "root": str(root),
-        "tasks": synth.tasks_uri,
-        "labels": synth.labels_uri,
-    }
+def catalog(catalog_kit) -> dict[str, str]:
+    kit = catalog_kit(name="flows")
+    return kit
 
 
 @pytest.fixture
