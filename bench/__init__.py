@@ -1,1 +1,1 @@
-"""Benchmarks of the tagging pipeline against its targets (DESIGN.md): ratios measured side by side, never in tests."""
+"""Benchmarks of the pipeline against its targets (bench/README.md): ratios measured side by side, never in tests."""

@@ -192,7 +192,7 @@ class CatalogImage:
 
 def ensure_catalog(spec: CatalogSpec, images: int) -> list[CatalogImage]:
     """The first ``images`` images of a cached catalog, generating only what the cache lacks."""
-    from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.synthetic.catalog import SynthConfig, generate
 
     root = CACHE / "catalogs" / spec.key
     meta_path = root / "bench_catalog.json"
@@ -251,7 +251,7 @@ def ensure_artifact(name: str, task_names: list[str] | None = None) -> str:
     from catalog_tagger.config import TaskConfig
     from catalog_tagger.model.artifact import card_for, save_artifact
     from catalog_tagger.model.multihead import MultiHeadModel
-    from catalog_tagger.synthetic import SYNTH_TASKS
+    from catalog_tagger.synthetic.plan import SYNTH_TASKS
 
     tasks = SYNTH_TASKS.tasks if task_names is None else tuple(SYNTH_TASKS.task(t) for t in task_names)
     path = CACHE / "models" / f"{name}_{BACKBONE}_{IMAGE_SIZE}"
@@ -277,13 +277,13 @@ def trained_artifact() -> str | None:
 
 # ------------------------------------------------------------------------------------------------ jobs
 def start_ray() -> float:
-    """Start the embedded local Ray the way job.init_ray does, but never attach to a stray ``ray start`` cluster."""
+    """Start the embedded local Ray like ``executors.init_ray``, but never attach to a stray ``ray start`` cluster."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        # address="local": job.init_ray(None) would join any cluster found in /tmp/ray/ray_current_cluster,
+        # address="local": executors.init_ray(None) would join any cluster found in /tmp/ray/ray_current_cluster,
         # and on a shared machine that may be someone else's.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     return time.perf_counter() - t0

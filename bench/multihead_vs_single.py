@@ -19,11 +19,11 @@ from bench.common import (
 )
 
 NAME = "multihead_vs_single"
-EFFICIENCY_TARGET = 0.9  # DESIGN.md: multi-head >= 0.9 x n faster than n single-task runs
+EFFICIENCY_TARGET = 0.9  # bench/README.md targets: multi-head >= 0.9 x n faster than n single-task runs
 
 
 def run(ctx: Context) -> BenchResult:
-    from catalog_tagger.synthetic import SYNTH_TASKS
+    from catalog_tagger.synthetic.plan import SYNTH_TASKS
 
     s = ctx.sizes
     n_img, bs = s.multihead_images, s.batch_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,12 +30,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+def time_interleaved(
+    fns: Sequence[Callable[[], object]], device: torch.device, *, repeats: int, warmup: int
+) -> list[list[float]]:
+    """Seconds of each call of each of ``fns``: ``warmup`` untimed rounds, then ``repeats`` timed ones.
+
+    Every round runs all of them in turn (f0, f1, ..., f0, f1, ...), so background load on a shared machine
+    is spread over all alike instead of biasing whichever ran during a busy spell. The device is synchronised
+    around each call, so asynchronous CUDA work counts where it was queued. Callers take the minimum or median.
+    """
+    for _ in range(warmup):  # oneDNN primitive creation, allocator, cudnn autotune
+        for fn in fns:
+            fn()
+    seconds: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, seconds, strict=True):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples.append(time.perf_counter() - t0)
+    return seconds
 
 
 def calibrate_single_task(
@@ -64,13 +80,7 @@ def calibrate_single_task(
             emb = model.forward_features(model.prepare(x_np))
             model.forward_head(emb, first).float().cpu()
 
-    for _ in range(warmup):  # warm-up: oneDNN primitive creation, allocator, cudnn autotune
-        multi()
-        single()
-    tm, ts = [], []
-    for _ in range(repeats):
-        tm.append(_time(multi, device))
-        ts.append(_time(single, device))
+    tm, ts = time_interleaved([multi, single], device, repeats=repeats, warmup=warmup)
     # The minimum is the least noisy estimate of a fixed amount of work on a shared machine.
     m, s = min(tm), min(ts)
     ratio = s / m if m > 0 else 1.0
@@ -94,7 +104,7 @@ def calibrate_baselines(
     device = model.mean.device
     x = torch.from_numpy(np.ascontiguousarray(images))
 
-    def forward(m: MultiHeadModel):
+    def forward(m: MultiHeadModel) -> Callable[[], None]:
         def run() -> None:
             with torch.inference_mode(), autocast(device):
                 out = m(m.prepare(x))
@@ -103,14 +113,7 @@ def calibrate_baselines(
 
         return run
 
-    fns = [forward(model)] + [forward(b) for b in baselines]
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            times[i].append(_time(fn, device))
+    times = time_interleaved([forward(m) for m in (model, *baselines)], device, repeats=repeats, warmup=warmup)
     best = [min(t) for t in times]
     ratio = sum(best[1:]) / best[0] if best[0] > 0 else float(len(baselines))
     log.info("baseline calibration on %s: multi-head %.4fs, %d single-task models %.4fs", device, best[0],

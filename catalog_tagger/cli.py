@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
 from catalog_tagger.errors import UserError
 
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out_console = Console()
+M = TypeVar("M")
 
 
 @app.callback()
@@ -49,7 +50,7 @@ def synth(
     start: Annotated[int, typer.Option(help="Index of the first image (to add images to a catalog).")] = 0,
 ) -> None:
     """Write a synthetic product catalog: images, labels.parquet, truth.parquet and tasks.yaml."""
-    from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.synthetic.catalog import SynthConfig, generate
 
     res = generate(SynthConfig(out=out, images=images, seed=seed, start=start))
     console.print(f"wrote {len(res.images)} images under [bold]{res.out}[/]")
@@ -88,16 +89,9 @@ def init_model(
 @app.command()
 def backbones() -> None:
     """List the registered backbones."""
-    from catalog_tagger.model.backbones import backbone_names, get_backbone
-    from catalog_tagger.model.multihead import count_parameters
+    from catalog_tagger.render import render_backbones
 
-    table = Table("backbone", "embedding dim", "default px", "parameters")
-    for name in backbone_names():
-        spec = get_backbone(name)
-        table.add_row(
-            name, str(spec.embedding_dim), str(spec.default_image_size), f"{count_parameters(spec.build()):,}"
-        )
-    out_console.print(table)
+    render_backbones(out_console)
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -110,25 +104,16 @@ def predict(
 ) -> None:
     """Predict every task for a few images."""
     from catalog_tagger.model.inference import predict_uris
+    from catalog_tagger.render import render_predictions
 
     results = predict_uris(model, images, device=device)
-    if as_json:
+    if not as_json:
+        render_predictions(results, out_console)
+    elif sys.stdout.isatty():
         for r in results:
-            out_console.print_json(json.dumps(r)) if sys.stdout.isatty() else print(json.dumps(r))  # noqa: T201
-        return
-    for r in results:
-        table = Table(title=r["uri"], show_header=True)
-        table.add_column("task")
-        table.add_column("prediction")
-        table.add_column("score")
-        if r["status"] != "ok":
-            table.add_row("-", f"[red]error[/]: {r['error']}", "")
-        for task, pred in r.get("predictions", {}).items():
-            if isinstance(pred["label"], list):
-                table.add_row(task, ", ".join(pred["label"]) or "(none)", " ".join(f"{s:.2f}" for s in pred["scores"]))
-            else:
-                table.add_row(task, pred["label"], f"{pred['score']:.3f}")
-        out_console.print(table)
+            out_console.print_json(json.dumps(r))
+    else:
+        sys.stdout.writelines(json.dumps(r) + "\n" for r in results)
 
 
 # --------------------------------------------------------------------------------------------- tag
@@ -168,42 +153,22 @@ def tag(
     ] = None,
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from catalog_tagger.render import render_run_summary
+    from catalog_tagger.render import render_run_summary, tag_progress
     from catalog_tagger.tag.job import TagJobConfig, run
 
-    params = dict(
-        model=model,
-        source=source,
-        output=output,
-        run_id=run_id,
-        ray_address=ray_address,
-        batch_size=batch_size,
-        actors=actors,
-        device=device,
-        full=full,
-        limit=limit,
-        executor=executor,
-    )
-    if price_per_hour is not None:
-        params["price_per_hour"] = price_per_hour
-    if allowed_root is not None:
-        params["allowed_root"] = allowed_root
-    if rows_per_shard is not None:
-        params["rows_per_shard"] = rows_per_shard
-    if baseline:
-        params["baseline"] = list(baseline)
+    given: dict[str, Any] = dict(
+        model=model, source=source, output=output, run_id=run_id, ray_address=ray_address, batch_size=batch_size,
+        actors=actors, device=device, full=full, limit=limit, executor=executor, price_per_hour=price_per_hour,
+        allowed_root=allowed_root, rows_per_shard=rows_per_shard, baseline=list(baseline) if baseline else None,
+    )  # fmt: skip
+    params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     cfg = _validated(TagJobConfig, params)
-    with Progress(
-        TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
-    ) as bar:
-        task_id = bar.add_task("tag", total=None)
-        result = run(cfg, progress=lambda done, total: bar.update(task_id, completed=done, total=total))
+    with tag_progress(console) as progress:
+        result = run(cfg, progress=progress)
     render_run_summary(result, out_console)
 
 
-def _validated(model_cls, params: dict):
+def _validated(model_cls: Callable[..., M], params: dict[str, Any]) -> M:
     """Build a pydantic parameter model; a validation error is a user error (exit 2) with the field named."""
     from pydantic import ValidationError
 
@@ -239,8 +204,10 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
 ) -> None:
     """Train the multi-head model on a labels table and write the artifact (+ metrics.csv, split, report)."""
-    from catalog_tagger.train.loop import TrainConfig, iter_comparison_rows
-    from catalog_tagger.train.loop import train as run_training
+    from catalog_tagger.render import render_training
+    from catalog_tagger.train.compare import iter_comparison_rows
+    from catalog_tagger.train.config import TrainConfig
+    from catalog_tagger.train.pipeline import train as run_training
 
     cfg = TrainConfig.parse(
         tasks=tasks, labels=labels, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
@@ -249,31 +216,7 @@ def train(
         color_jitter=color_jitter, device=device,
     )  # fmt: skip
     res = run_training(cfg)
-    n_test = res.card.training["split"]["counts"]["test"]
-    table = Table("task", "metric", "test", title=f"test metrics ({n_test} images)")
-    for name, m in res.metrics.items():
-        for key in ("accuracy", "macro_f1", "micro_f1", "map"):
-            if m.get(key) is not None:
-                table.add_row(name, key, f"{m[key]:.3f}")
-    out_console.print(table)
-    if res.comparison is not None:
-        c = res.comparison
-        cmp = Table(
-            "task", "metric", "multi-head", "single-task", "single params", "single ms/img",
-            title="multi-head vs single-task",
-        )  # fmt: skip
-        for row in iter_comparison_rows(c):
-            cmp.add_row(*row)
-        cmp.add_row(
-            "[bold]total[/]", "", f"{c['multi_head']['ms_per_image']:.3f} ms/img",
-            f"{c['single_task_total']['ms_per_image']:.3f} ms/img", f"{c['single_task_total']['parameters']:,}", "",
-        )  # fmt: skip
-        out_console.print(cmp)
-        out_console.print(
-            f"multi-head parameters {c['multi_head']['parameters']:,} vs {c['single_task_total']['parameters']:,} "
-            f"for {c['n_tasks']} single-task models; measured cost ratio [bold]{c['cost_ratio']:.2f}x[/] "
-            f"(n = {c['n_tasks']}) on {c['device']}"
-        )
+    render_training(res, iter_comparison_rows(res.comparison) if res.comparison else [], out_console)
     skipped = len(res.skipped)
     console.print(
         f"wrote model artifact [bold]{res.out}[/] (version {res.card.version}): {res.images_used} images, "
@@ -283,22 +226,6 @@ def train(
 
 # --------------------------------------------------------------------------------------------- query / similar / report
 _QUERY_FORMATS = ("table", "csv", "json", "parquet")
-_TABLE_MAX_ROWS = 200  # rows a terminal table shows; csv/json/parquet write them all
-
-
-def _cell(value: object, width: int = 60):
-    """A rich Text cell (never markup: uris may contain '['); long values (embeddings) are cut."""
-    from rich.text import Text
-
-    if value is None:
-        return Text("NULL", style="dim")
-    if isinstance(value, float):
-        text = f"{value:.6g}"
-    elif isinstance(value, list | dict):
-        text = json.dumps(value, default=str, ensure_ascii=False)
-    else:
-        text = str(value)
-    return Text(text if len(text) <= width else text[: width - 1] + "\u2026")
 
 
 @app.command()
@@ -310,6 +237,7 @@ def query(
 ) -> None:
     """Query the committed predictions with SQL (see docs/queries.md for ready-made queries)."""
     from catalog_tagger import query as q
+    from catalog_tagger.render import render_query_result
     from catalog_tagger.storage import write_bytes_atomic
 
     if fmt not in _QUERY_FORMATS:
@@ -320,14 +248,7 @@ def query(
         raise UserError("--format table prints to the terminal; use --format csv, json or parquet with --out")
     table = q.query(output, sql)
     if fmt == "table":
-        view = Table(title=f"{table.num_rows:,} row(s)")
-        for name in table.column_names:
-            view.add_column(name, overflow="fold")
-        for row in table.slice(0, _TABLE_MAX_ROWS).to_pylist():
-            view.add_row(*(_cell(v) for v in row.values()))
-        out_console.print(view)
-        if table.num_rows > _TABLE_MAX_ROWS:
-            console.print(f"showing {_TABLE_MAX_ROWS} of {table.num_rows:,} rows; --format csv/json/parquet has all")
+        render_query_result(table, out_console, console)
         return
     data = {"csv": q.to_csv, "json": q.to_json_lines, "parquet": q.to_parquet}[fmt](table)
     if out is None:
@@ -350,6 +271,7 @@ def similar(
     """The k images nearest by cosine similarity of their embeddings (latest ok rows, one model version)."""
     from catalog_tagger.query import similar as find_similar
     from catalog_tagger.query import to_json_lines
+    from catalog_tagger.render import render_similar
 
     results = find_similar(output, uri=uri, image=image, k=k, model=model)
     if as_json:
@@ -358,12 +280,7 @@ def similar(
         sys.stdout.buffer.write(to_json_lines(pa.Table.from_pylist(results)) if results else b"")
         sys.stdout.flush()
         return
-    tasks = [c for c in (results[0] if results else {}) if c not in ("uri", "similarity")]
-    view = Table("#", "similarity", "uri", *tasks)
-    for i, r in enumerate(results, 1):
-        labels = [", ".join(r[t]) if isinstance(r[t], list) else r[t] for t in tasks]
-        view.add_row(str(i), f"{r['similarity']:.4f}", _cell(r["uri"], 100), *(_cell(v) for v in labels))
-    out_console.print(view)
+    render_similar(results, out_console)
 
 
 @app.command()
@@ -392,6 +309,12 @@ def demo(
     run_demo(out, images=images, console=console)
 
 
+# Recent typer vendors click (typer._click, its exceptions derive from typer.TyperException); older typer raises
+# click's own. Both families are caught, so that a usage error never ends in a traceback.
+_CLICK_ERRORS = (click.exceptions.ClickException, getattr(typer, "TyperException", click.exceptions.ClickException))
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+
+
 def main() -> None:
     """Console-script entry point: user errors exit 2 with a one-line message, no traceback."""
     try:
@@ -399,13 +322,10 @@ def main() -> None:
     except UserError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True, markup=True, highlight=False)
         sys.exit(2)
-    except click.exceptions.UsageError as err:
-        err.show()
-        sys.exit(2)
-    except click.exceptions.ClickException as err:
+    except _CLICK_ERRORS as err:  # usage errors (bad or missing option): click's message, exit 2
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
         console.print("aborted")
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from catalog_tagger.errors import DecodeError
 
@@ -35,7 +35,8 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB: transparency composited on white (as a browser shows it), 16-bit and float scaled."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -72,7 +73,7 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError(
@@ -90,7 +91,7 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
                 img.draft("RGB", (size, size))
             img.load()
             img = ImageOps.exif_transpose(img) if orientation != 1 else img
-            img = _to_rgb(img)
+            img = to_rgb(img)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             arr = np.asarray(img, dtype=np.uint8)
@@ -98,7 +99,7 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError(f"decompression bomb: {err}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except OSError as err:
         raise DecodeError(f"corrupt or truncated image: {err}") from None
@@ -113,7 +114,7 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
 
 def decode_full(data: bytes, size: int) -> np.ndarray:
     """Reference decode without DCT scaling (for benchmarks: what draft mode is compared against)."""
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     img.load()
-    img = _to_rgb(ImageOps.exif_transpose(img))
+    img = to_rgb(ImageOps.exif_transpose(img))
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None), dtype=np.uint8)

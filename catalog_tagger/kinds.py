@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+from typing_extensions import override
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +30,7 @@ class Kind:
     name: ClassVar[str]
     headline: ClassVar[tuple[str, ...]]  # metric keys logged per epoch; the first one compares models
     score_column: ClassVar[str]  # suffix of the score column: "_score" or "_scores"
+    stratifies: ClassVar[bool] = False  # one discrete label per image: the training split can be stratified on it
 
     def check(self, labels: Sequence[str], threshold: float | None) -> None:
         """Raise ValueError ("<field>: <reason>") when a task of this kind is not well formed."""
@@ -58,17 +60,19 @@ class Kind:
         """(per-image loss, mask of labelled images) for one batch."""
         raise NotImplementedError
 
-    def metrics(self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None) -> dict:
+    def metrics(
+        self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None
+    ) -> dict[str, Any]:
         """Test/val metrics over labelled rows."""
         raise NotImplementedError
 
     def tune(self, y: np.ndarray, scores: np.ndarray) -> list[float] | None:
         """Per-label thresholds tuned on validation rows, or None when the kind has none."""
-        return None
+        raise NotImplementedError
 
     def describe(self, m: dict[str, Any]) -> str:
         """A short human summary of ``metrics``' result for logs."""
-        return ", ".join(f"{k} {_f(m.get(k))}" for k in self.headline) + f" (n={m.get('n', 0)})"
+        return ", ".join(f"{k} {format_metric(m.get(k))}" for k in self.headline) + f" (n={m.get('n', 0)})"
 
     @staticmethod
     def labelled(y: np.ndarray) -> np.ndarray:
@@ -76,7 +80,8 @@ class Kind:
         return y >= 0 if y.ndim == 1 else y[:, 0] >= 0
 
 
-def _f(v: float | None) -> str:
+def format_metric(v: float | None) -> str:
+    """A metric for people: three decimals, or "-" when there was nothing to measure."""
     return "-" if v is None else f"{v:.3f}"
 
 
@@ -86,22 +91,27 @@ class Multiclass(Kind):
     name = "multiclass"
     headline = ("accuracy", "macro_f1")
     score_column = "_score"
+    stratifies = True
 
+    @override
     def check(self, labels: Sequence[str], threshold: float | None) -> None:
         if len(labels) < 2:
             raise ValueError("labels: a multiclass task needs at least 2 labels")
         if threshold is not None:
             raise ValueError("threshold: only multilabel tasks have a threshold")
 
+    @override
     def fields(self, task: TaskSpec) -> list[pa.Field]:
         return [
             pa.field(task.name, pa.string()),  # the arg-max label
             pa.field(f"{task.name}_score", pa.float32()),  # its softmax probability
         ]
 
+    @override
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)
 
+    @override
     def columns(self, task: TaskSpec, probs: np.ndarray, thresholds: Sequence[float]) -> Columns:
         idx = probs.argmax(-1)
         return {
@@ -109,9 +119,11 @@ class Multiclass(Kind):
             f"{task.name}_score": probs[np.arange(len(idx)), idx].astype(np.float32),
         }
 
+    @override
     def prediction(self, task: TaskSpec, cols: Columns, row: int) -> dict[str, Any]:
         return {"label": cols[task.name][row], "score": float(cols[f"{task.name}_score"][row])}
 
+    @override
     def targets(self, task: TaskSpec, values: Sequence[Any], missing: IsMissing, unknown: Counter[Any]) -> np.ndarray:
         index = task.label_index()
         y = np.full(len(values), -1, dtype=np.int64)
@@ -128,16 +140,24 @@ class Multiclass(Kind):
                 unknown[(task.name, label)] += 1
         return y
 
+    @override
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.nn.functional as F
 
         return F.cross_entropy(logits.float(), y.clamp(min=0), reduction="none"), (y >= 0).float()
 
-    def metrics(self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None) -> dict:
+    @override
+    def metrics(
+        self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None
+    ) -> dict[str, Any]:
         from catalog_tagger.metrics import multiclass_metrics
 
         m = self.labelled(y)
         return multiclass_metrics(y[m], scores[m].argmax(1), len(task.labels))
+
+    @override
+    def tune(self, y: np.ndarray, scores: np.ndarray) -> list[float] | None:
+        return None  # one label per image: the arg-max needs no threshold
 
 
 class Multilabel(Kind):
@@ -147,6 +167,7 @@ class Multilabel(Kind):
     headline = ("micro_f1", "macro_f1", "map")
     score_column = "_scores"
 
+    @override
     def check(self, labels: Sequence[str], threshold: float | None) -> None:
         if len(labels) < 1:
             raise ValueError("labels: a multilabel task needs at least 1 label")
@@ -154,15 +175,18 @@ class Multilabel(Kind):
         if not 0.0 < t < 1.0:
             raise ValueError(f"threshold: {t} is outside (0, 1)")
 
+    @override
     def fields(self, task: TaskSpec) -> list[pa.Field]:
         return [
             pa.field(task.name, pa.list_(pa.string())),  # labels at or over their threshold
             pa.field(f"{task.name}_scores", pa.list_(pa.float32())),  # sigmoid per label, in label order
         ]
 
+    @override
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid()
 
+    @override
     def columns(self, task: TaskSpec, probs: np.ndarray, thresholds: Sequence[float]) -> Columns:
         probs = probs.astype(np.float32)
         on = probs >= np.asarray(thresholds, dtype=np.float32)
@@ -171,6 +195,7 @@ class Multilabel(Kind):
             f"{task.name}_scores": list(probs),
         }
 
+    @override
     def prediction(self, task: TaskSpec, cols: Columns, row: int) -> dict[str, Any]:
         return {
             "label": list(cols[task.name][row]),
@@ -178,6 +203,7 @@ class Multilabel(Kind):
             "labels": list(task.labels),
         }
 
+    @override
     def targets(self, task: TaskSpec, values: Sequence[Any], missing: IsMissing, unknown: Counter[Any]) -> np.ndarray:
         index = task.label_index()
         y = np.full((len(values), len(task.labels)), -1.0, dtype=np.float32)
@@ -193,6 +219,7 @@ class Multilabel(Kind):
                     unknown[(task.name, label)] += 1
         return y
 
+    @override
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.nn.functional as F
 
@@ -201,13 +228,17 @@ class Multilabel(Kind):
         per = F.binary_cross_entropy_with_logits(logits.float(), y.clamp(min=0), reduction="none").sum(1)
         return per, (y[:, 0] >= 0).float()
 
-    def metrics(self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None) -> dict:
+    @override
+    def metrics(
+        self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None
+    ) -> dict[str, Any]:
         from catalog_tagger.metrics import multilabel_metrics
 
         m = self.labelled(y)
         thr = thresholds or [task.effective_threshold] * len(task.labels)
         return multilabel_metrics(y[m] > 0.5, scores[m], thr, labels=task.labels)
 
+    @override
     def tune(self, y: np.ndarray, scores: np.ndarray) -> list[float] | None:
         from catalog_tagger.metrics import tune_thresholds
 

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_tagger.errors import UserError
-from catalog_tagger.schema import BASE_FIELDS, STATUS_OK
+from catalog_tagger.schema import BASE_FIELDS, RUNS_TYPE, STATUS_OK, RunCounts, RunManifest, RunTimings
 from catalog_tagger.storage import filesystem, is_local, strip
 from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.commit import Layout
@@ -29,34 +29,19 @@ VIEWS = ("predictions", "latest", "runs")
 _GLOB_CHARS = ("*", "?", "[")
 _TS = pa.timestamp("us", tz="UTC")
 
+
 # The `runs` table: one row per committed run, the manifest flattened. (column, manifest path, type)
-# counts.*, timings.* and savings.* keep their key as the column name; the two collisions are resolved as noted.
+# The run's own fields, counts.* and timings.* come from the manifest model (schema.RunManifest): every field it
+# marks as a runs column is one, under its own name. savings.* (accounting.Savings) keep their key too, except
+# savings.tasks (a count), which is `n_tasks` beside `tasks` (the task names).
+def _manifest_columns(model: type, path: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...], pa.DataType]]:
+    return [(f.name, (*path, f.name), f.metadata[RUNS_TYPE]) for f in fields(model) if RUNS_TYPE in f.metadata]
+
+
 RUNS_COLUMNS: tuple[tuple[str, tuple[str, ...], pa.DataType], ...] = (
-    ("run_id", ("run_id",), pa.string()),
-    ("run_date", ("run_date",), pa.date32()),
-    ("started_at", ("started_at",), _TS),
-    ("finished_at", ("finished_at",), _TS),
-    ("model", ("model",), pa.string()),  # the model artifact URI the run was given
-    ("model_version", ("model_version",), pa.string()),
-    ("source", ("source",), pa.string()),
-    ("schema_version", ("schema_version",), pa.int32()),
-    ("incremental", ("incremental",), pa.bool_()),
-    ("tasks", ("tasks",), pa.list_(pa.string())),  # task names (savings.tasks, a count, is `n_tasks`)
-    ("listed", ("counts", "listed"), pa.int64()),
-    ("to_tag", ("counts", "to_tag"), pa.int64()),
-    ("unchanged", ("counts", "unchanged"), pa.int64()),
-    ("rows", ("counts", "rows"), pa.int64()),
-    ("ok", ("counts", "ok"), pa.int64()),
-    ("error", ("counts", "error"), pa.int64()),
-    ("skipped_non_image", ("counts", "skipped_non_image"), pa.int64()),
-    ("duplicate_uris", ("counts", "duplicate_uris"), pa.int64()),
-    ("retried_duplicates_dropped", ("counts", "retried_duplicates_dropped"), pa.int64()),
-    ("wall_s", ("timings", "wall_s"), pa.float64()),
-    ("list_s", ("timings", "list_s"), pa.float64()),
-    ("pipeline_s", ("timings", "pipeline_s"), pa.float64()),
-    ("accel_s", ("timings", "accel_s"), pa.float64()),
-    ("decode_cpu_s", ("timings", "decode_cpu_s"), pa.float64()),  # same value as savings.decode_cpu_s
-    ("images_per_s", ("timings", "images_per_s"), pa.float64()),
+    *_manifest_columns(RunManifest),
+    *_manifest_columns(RunCounts, ("counts",)),
+    *_manifest_columns(RunTimings, ("timings",)),  # decode_cpu_s: same value as savings.decode_cpu_s
     ("images", ("savings", "images"), pa.int64()),
     ("n_tasks", ("savings", "tasks"), pa.int64()),
     ("device", ("savings", "device"), pa.string()),
@@ -115,6 +100,7 @@ def sql_string(s: str) -> str:
 
 
 def sql_ident(name: str) -> str:
+    """A quoted SQL identifier (column names are task names: any text)."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -161,6 +147,7 @@ class Catalog:
         raise UserError(f"run {run_id!r} is not committed under {self.layout.output} (latest runs: {recent})")
 
     def files(self, manifest: dict[str, Any]) -> list[str]:
+        """The absolute URIs of the part files a run's manifest lists."""
         return [self.layout.abs(f["path"]) for f in manifest.get("files", [])]
 
 
@@ -278,15 +265,18 @@ def to_csv(table: pa.Table) -> bytes:
             cols.append(col)
     sink = pa.BufferOutputStream()
     pacsv.write_csv(pa.table(cols, names=table.column_names), sink)
-    return sink.getvalue().to_pybytes()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def to_parquet(table: pa.Table) -> bytes:
+    """The table as one zstd-compressed Parquet file."""
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 # --------------------------------------------------------------------------------------------- similar
@@ -301,12 +291,9 @@ def _label_columns(cat: Catalog, model_version: str) -> list[str]:
 
 def _embed_image(image: str, model_uri: str, model_version: str, storage_options: dict[str, Any] | None) -> np.ndarray:
     """The embedding of one image file by the model of the run being searched (refused if it changed since)."""
-    import fsspec
-
-    from catalog_tagger.decode import decode_image
     from catalog_tagger.errors import DecodeError
     from catalog_tagger.model.artifact import load_artifact
-    from catalog_tagger.model.inference import prepare_for_inference, run_batch, select_device
+    from catalog_tagger.model.inference import prepare_for_inference, read_image, run_batch, select_device
 
     try:
         model, card = load_artifact(model_uri)
@@ -317,24 +304,20 @@ def _embed_image(image: str, model_uri: str, model_version: str, storage_options
             f"model {model_uri!r} is now version {card.version}, but the rows were tagged by {model_version}: "
             "embeddings of different models are not comparable; pass --model with that version's artifact"
         )
-    opts = storage_options if "://" in image and not is_local(image) else {}
     try:
-        with fsspec.open(image, "rb", **(opts or {})) as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise UserError(f"{image}: no such image") from None
-    try:
-        dec = decode_image(data, card.image_size)
+        dec = read_image(image, card.image_size, storage_options)
     except DecodeError as err:
         raise UserError(f"{image}: {err}") from None
     model = prepare_for_inference(model, select_device("auto"))
     batch = np.stack([dec.array])  # a writable copy: torch refuses read-only arrays
-    return run_batch(model, batch).output.embedding[0].numpy().astype(np.float32)
+    embedding: np.ndarray = run_batch(model, batch).output.embedding[0].numpy().astype(np.float32)
+    return embedding
 
 
 def _normalise(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=-1, keepdims=True)
-    return m / np.maximum(norms, 1e-12)
+    """Rows scaled to unit length (a zero row stays zero), so a dot product is the cosine similarity."""
+    unit: np.ndarray = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+    return unit
 
 
 def similar(
@@ -363,7 +346,8 @@ def similar(
         if not cat.manifests:
             raise UserError(f"no committed runs under {output}")
         query_vec: np.ndarray | None = None
-        if uri is not None:
+        if image is None:
+            assert uri is not None  # exactly one of the two, checked above
             found = run_sql(cat.con, "SELECT model_version FROM latest WHERE uri = ?", [uri])
             if found.num_rows == 0 and "://" not in uri and os.path.abspath(uri) != uri:
                 uri = os.path.abspath(uri)  # local catalogs store absolute paths
@@ -380,6 +364,13 @@ def similar(
         rows = run_sql(cat.con, f"SELECT {cols} FROM latest WHERE model_version = ? ORDER BY uri", [version])
     finally:
         cat.con.close()
+    return _nearest(rows, labels, version, uri, query_vec, k)
+
+
+def _nearest(
+    rows: pa.Table, labels: list[str], version: str, uri: str | None, query_vec: np.ndarray | None, k: int
+) -> list[dict[str, Any]]:
+    """The ``k`` rows nearest to row ``uri`` (when given) or to ``query_vec``, most similar first."""
     emb = rows.column("embedding").combine_chunks()
     lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
     if len(lengths) != 1:

@@ -1,30 +1,133 @@
-"""Console rendering of a run's result and savings (rich tables); the library itself only logs."""
+"""How results are shown to people: number formats, the savings fields, and the console's tables and progress.
+
+``SAVINGS_FIELDS`` is the one list of the savings numbers (manifest key, label, format): the console summary, the
+HTML report and the Prefect artifacts all show them through ``savings_rows``. The library itself only logs; the
+CLI and the demo print through the functions here.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from catalog_tagger.tag.job import RunResult
+from catalog_tagger.kinds import KINDS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from catalog_tagger.tag.job import RunResult
+    from catalog_tagger.train.pipeline import TrainResult
+
+TABLE_MAX_ROWS = 200  # rows a terminal table of query results shows; csv/json/parquet write them all
+# The test metrics shown after training: the headline metrics of every kind, in order.
+TRAIN_METRICS = tuple(dict.fromkeys(key for kind in KINDS.values() for key in kind.headline))
 
 
-def savings_rows(savings: dict) -> list[tuple[str, str]]:
+# --------------------------------------------------------------------------------------------- number formats
+def num(v: float | None, digits: int = 4) -> str:
+    """A quantity readable at any scale: fixed ``digits`` decimals from 0.1 up, three significant digits below."""
+    if v is None:
+        return "n/a"
+    return f"{v:,.{digits}f}" if v == 0 or abs(v) >= 0.1 else f"{v:.3g}"
+
+
+def money(v: float | None) -> str:
+    """US dollars: cents from one cent up, three significant digits below."""
+    if v is None:
+        return "n/a"
+    return f"${v:,.2f}" if v == 0 or abs(v) >= 0.01 else f"${v:.3g}"
+
+
+def count(v: int | None) -> str:
+    """A whole number with thousands separators."""
+    return "n/a" if v is None else f"{v:,}"
+
+
+def percent(v: float | None) -> str:
+    """A fraction as a percentage with one decimal."""
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def text(v: Any) -> str:
+    """Any value as text."""
+    return "n/a" if v is None else str(v)
+
+
+def _cpu_hours(seconds: float | None) -> str:
+    return num(None if seconds is None else seconds / 3600.0)
+
+
+# --------------------------------------------------------------------------------------------- savings
+@dataclass(frozen=True)
+class SavingsField:
+    """One number of a run's savings (``Savings.to_dict()`` in the manifest) and how people see it."""
+
+    key: str  # key in the manifest's ``savings``
+    label: str  # may name {method_note} and {price}, filled from the same savings
+    show: Callable[[Any], str]  # raw manifest value -> shown text (the unit is in the label or the text)
+    detail: bool = False  # raw detail: in the Prefect table artifact only, not on the console or the page
+
+
+SAVINGS_FIELDS: tuple[SavingsField, ...] = (
+    SavingsField("images", "images tagged (ok)", count),
+    SavingsField("tasks", "tasks (heads)", count),
+    SavingsField("device", "device", text),
+    SavingsField("multi_head_accel_s", "multi-head accelerator-seconds (measured)", num, detail=True),
+    SavingsField("single_task_accel_s", "single-task accelerator-seconds ({method_note})", num, detail=True),
+    SavingsField("multi_head_accel_hours", "multi-head accelerator-hours (measured)", num),
+    SavingsField("single_task_accel_hours", "single-task accelerator-hours ({method_note})", num),
+    SavingsField("accel_hours_saved", "accelerator-hours saved", num),
+    SavingsField("fraction_saved", "fraction saved", percent),
+    SavingsField("price_per_hour", "price per accelerator-hour", money, detail=True),
+    SavingsField("cost_saved", "cost saved at {price} per accelerator-hour", money),
+    SavingsField("decode_cpu_s", "decode CPU-seconds (measured)", num, detail=True),
+    SavingsField("decode_cpu_s_saved", "decode CPU-hours saved (n pipelines decode n times)", _cpu_hours),
+    SavingsField("method", "how single-task cost was measured", text),
+)
+_METHOD_NOTES = {
+    "calibrated": "calibrated: a timed single-task pass on the same device, scaled to this run; not a real "
+    "single-task run",
+    "baseline-artifacts": "measured with the user's single-task artifacts",
+}
+
+
+def savings_rows(savings: dict[str, Any], *, details: bool = False) -> list[tuple[str, str, str, Any]]:
+    """(manifest key, label, shown text, raw value) per savings field present; ``details`` adds the raw details."""
+    method = savings.get("method") or "none"
+    names = {
+        "method_note": _METHOD_NOTES.get(method, f"{method}: not measured"),
+        "price": money(savings.get("price_per_hour")),
+    }
     return [
-        ("images (ok)", f"{savings['images']:,}"),
-        ("tasks", str(savings["tasks"])),
-        ("device", savings["device"]),
-        ("multi-head accelerator-hours (measured)", f"{savings['multi_head_accel_hours']:.6f}"),
-        (
-            f"single-task accelerator-hours ({savings['method']})",
-            f"{savings['single_task_accel_hours']:.6f}",
-        ),
-        ("accelerator-hours saved", f"{savings['accel_hours_saved']:.6f} ({savings['fraction_saved']:.0%})"),
-        (f"cost saved at ${savings['price_per_hour']:.2f}/h", f"${savings['cost_saved']:.4f}"),
-        ("decode CPU-hours saved", f"{savings['decode_cpu_s_saved'] / 3600:.6f}"),
+        (f.key, f.label.format(**names), f.show(savings[f.key]), savings[f.key])
+        for f in SAVINGS_FIELDS
+        if f.key in savings and (details or not f.detail)
     ]
 
 
+# --------------------------------------------------------------------------------------------- console tables
+def cell(value: object, width: int = 60) -> Text:
+    """A rich Text cell (never markup: uris may contain '['); long values (embeddings) are cut."""
+    if value is None:
+        return Text("NULL", style="dim")
+    if isinstance(value, float):
+        shown = f"{value:.6g}"
+    elif isinstance(value, list | dict):
+        shown = json.dumps(value, default=str, ensure_ascii=False)
+    else:
+        shown = str(value)
+    return Text(shown if len(shown) <= width else shown[: width - 1] + "\u2026")
+
+
 def render_run_summary(result: RunResult, console: Console) -> None:
+    """A tagging run's counts, throughput and savings, then its notes and where the output went."""
     table = Table(title=f"run {result.run_id}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -36,10 +139,109 @@ def render_run_summary(result: RunResult, console: Console) -> None:
         table.add_row("throughput", f"{result.images_per_s:.1f} images/s (wall, incl. start-up)")
     m = result.manifest
     if m and "savings" in m:
-        for k, v in savings_rows(m["savings"]):
-            table.add_row(k, v)
+        for _, label, shown, _ in savings_rows(m["savings"]):
+            table.add_row(label, shown)
     console.print(table)
     for note in result.notes:
         console.print(f"- {note}")
     if m:
         console.print(f"output: {result.output} (manifest runs/{result.run_id}.json)")
+
+
+@contextmanager
+def tag_progress(console: Console) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar for a tagging run; yields the ``progress(done, total)`` callback to give it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task_id = bar.add_task("tag", total=None)
+        yield lambda done, total: bar.update(task_id, completed=done, total=total)
+
+
+def render_backbones(console: Console) -> None:
+    """The backbone registry: embedding size, default input size and parameter count of each."""
+    from catalog_tagger.model.backbones import backbone_names, get_backbone
+    from catalog_tagger.model.multihead import count_parameters
+
+    table = Table("backbone", "embedding dim", "default px", "parameters")
+    for name in backbone_names():
+        spec = get_backbone(name)
+        table.add_row(
+            name, str(spec.embedding_dim), str(spec.default_image_size), f"{count_parameters(spec.build()):,}"
+        )
+    console.print(table)
+
+
+def render_predictions(results: Iterable[dict[str, Any]], console: Console) -> None:
+    """One table per image: each task's label(s) and score(s), or the image's error."""
+    for r in results:
+        table = Table(title=r["uri"], show_header=True)
+        table.add_column("task")
+        table.add_column("prediction")
+        table.add_column("score")
+        if r["status"] != "ok":
+            table.add_row("-", f"[red]error[/]: {r['error']}", "")
+        for task, pred in r.get("predictions", {}).items():
+            if isinstance(pred["label"], list):
+                table.add_row(task, ", ".join(pred["label"]) or "(none)", " ".join(f"{s:.2f}" for s in pred["scores"]))
+            else:
+                table.add_row(task, pred["label"], f"{pred['score']:.3f}")
+        console.print(table)
+
+
+def render_training(res: TrainResult, comparison_rows: Iterable[tuple[str, ...]], console: Console) -> None:
+    """Test metrics of a trained model and, with ``--single-task``, the multi-head vs single-task comparison."""
+    n_test = res.card.training["split"]["counts"]["test"]
+    table = Table("task", "metric", "test", title=f"test metrics ({n_test} images)")
+    for name, m in res.metrics.items():
+        for key in TRAIN_METRICS:
+            if m.get(key) is not None:
+                table.add_row(name, key, f"{m[key]:.3f}")
+    console.print(table)
+    c = res.comparison
+    if c is None:
+        return
+    cmp = Table(
+        "task",
+        "metric",
+        "multi-head",
+        "single-task",
+        "single params",
+        "single ms/img",
+        title="multi-head vs single-task",
+    )
+    for row in comparison_rows:
+        cmp.add_row(*row)
+    cmp.add_row(
+        "[bold]total[/]", "", f"{c['multi_head']['ms_per_image']:.3f} ms/img",
+        f"{c['single_task_total']['ms_per_image']:.3f} ms/img", f"{c['single_task_total']['parameters']:,}", "",
+    )  # fmt: skip
+    console.print(cmp)
+    console.print(
+        f"multi-head parameters {c['multi_head']['parameters']:,} vs {c['single_task_total']['parameters']:,} "
+        f"for {c['n_tasks']} single-task models; measured cost ratio [bold]{c['cost_ratio']:.2f}x[/] "
+        f"(n = {c['n_tasks']}) on {c['device']}"
+    )
+
+
+def render_query_result(table: pa.Table, console: Console, notes: Console) -> None:
+    """A query result as a terminal table, at most ``TABLE_MAX_ROWS`` rows (``notes`` says when cut)."""
+    view = Table(title=f"{table.num_rows:,} row(s)")
+    for name in table.column_names:
+        view.add_column(name, overflow="fold")
+    for row in table.slice(0, TABLE_MAX_ROWS).to_pylist():
+        view.add_row(*(cell(v) for v in row.values()))
+    console.print(view)
+    if table.num_rows > TABLE_MAX_ROWS:
+        notes.print(f"showing {TABLE_MAX_ROWS} of {table.num_rows:,} rows; --format csv/json/parquet has all")
+
+
+def render_similar(results: list[dict[str, Any]], console: Console) -> None:
+    """Nearest images, most similar first: rank, similarity, uri and each task's label(s)."""
+    tasks = [c for c in (results[0] if results else {}) if c not in ("uri", "similarity")]
+    view = Table("#", "similarity", "uri", *tasks)
+    for i, r in enumerate(results, 1):
+        labels = [", ".join(r[t]) if isinstance(r[t], list) else r[t] for t in tasks]
+        view.add_row(str(i), f"{r['similarity']:.4f}", cell(r["uri"], 100), *(cell(v) for v in labels))
+    console.print(view)

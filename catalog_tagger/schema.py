@@ -1,6 +1,9 @@
-"""The output contract: one Parquet row per input image per run. Versioned; pinned by a golden test."""
+"""The data contracts: output rows, listing and work tables, statuses, and the run manifest. Golden-tested."""
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -9,12 +12,21 @@ from catalog_tagger.kinds import kind_of
 
 # Bump on any change to the columns below, and say what changed in README "Output schema".
 OUTPUT_SCHEMA_VERSION = 1
+# Bump on any change to the run manifest's keys (``RunManifest``).
+MANIFEST_VERSION = 1
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+STATUS_UNCHANGED = "unchanged"  # internal: same bytes as the last committed row; never written
+
+# Internal columns of the work in flight: per-row seconds the sink sums for the run's accounting, then drops.
+ACCEL_COL = "_accel_s"  # share of the batch's multi-head forward time
+CALIB_COL = "_single_task_s"  # share of the calibrated single-task time
+DECODE_COL = "_decode_s"  # CPU seconds of read + decode
 
 _TS = pa.timestamp("us", tz="UTC")
 
+# --------------------------------------------------------------------------------------------- output rows
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("uri", pa.string(), nullable=False),  # the image's URI as listed (absolute local path or scheme://...)
     pa.field("size", pa.int64()),  # bytes, from the store's listing
@@ -47,3 +59,104 @@ def output_schema(tasks: TaskConfig, embedding_dim: int) -> pa.Schema:
         b"catalog_tagger.tasks": tasks.model_dump_json().encode(),
     }
     return pa.schema(fields, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------- listing and work
+LISTING_SCHEMA = pa.schema(  # the images a run considers: unique uris, sorted
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("size", pa.int64()),
+        pa.field("etag", pa.string()),
+        pa.field("mtime", _TS),
+    ]
+)
+WORK_SCHEMA = pa.schema(  # what a run must read: the listing minus what is settled
+    [
+        *LISTING_SCHEMA,
+        pa.field("prev_hash", pa.string()),  # content hash of the last committed row, when identity needs bytes
+    ]
+)
+
+# --------------------------------------------------------------------------------------------- run manifest
+# Field metadata key: the Arrow type of a manifest field that the ``runs`` view (query.py) shows as a column.
+RUNS_TYPE = "runs_type"
+
+
+def runs_column(arrow: pa.DataType) -> dict[str, pa.DataType]:
+    """Field metadata: the ``runs`` view shows this manifest field as a column of type ``arrow``."""
+    return {RUNS_TYPE: arrow}
+
+
+_COUNT = runs_column(pa.int64())
+_SECONDS = runs_column(pa.float64())
+_STRING = runs_column(pa.string())
+
+
+@dataclass
+class RunCounts:
+    """``counts``: what happened to the listed images. Every count is a column of the ``runs`` view."""
+
+    listed: int = field(metadata=_COUNT)  # images in the listing (after --limit)
+    to_tag: int = field(metadata=_COUNT)  # new or changed images, the resumed ones included
+    unchanged: int = field(metadata=_COUNT)  # skipped: same identity (or bytes) as the last committed row
+    rows: int = field(metadata=_COUNT)  # rows committed: ok + error
+    ok: int = field(metadata=_COUNT)
+    error: int = field(metadata=_COUNT)
+    skipped_non_image: int = field(metadata=_COUNT)  # files under a prefix without an image extension
+    duplicate_uris: int = field(metadata=_COUNT)  # repeated uris in a manifest source (each tagged once)
+    retried_duplicates_dropped: int = field(metadata=_COUNT)  # rows a Ray retry delivered twice
+    resumed: int = field(metadata=_COUNT)  # staged by an earlier attempt of this run id, not tagged again
+    committed_meanwhile_dropped: int = field(metadata=_COUNT)  # committed first by a concurrent run
+
+
+@dataclass
+class RunTimings:
+    """``timings``: where the run's time went. Accelerator and decode seconds include earlier attempts."""
+
+    wall_s: float = field(metadata=_SECONDS)  # driver wall time up to the commit
+    list_s: float = field(metadata=_SECONDS)  # listing the source
+    pipeline_s: float = field(metadata=_SECONDS)  # read + decode + predict + stage, this attempt
+    accel_s: float = field(metadata=_SECONDS)  # summed busy seconds of the multi-head forward passes
+    decode_cpu_s: float = field(metadata=_SECONDS)  # summed CPU seconds of read + decode
+    images_per_s: float | None = field(metadata=_SECONDS)  # ok rows of this attempt / pipeline_s
+
+
+@dataclass
+class ManifestFile:
+    """One committed part file (``files``)."""
+
+    path: str  # relative to the output root, so an output folder can be moved or synced
+    rows: int
+    ok: int
+    error: int
+    bytes: int | None
+
+
+@dataclass
+class RunManifest:
+    """``runs/<run_id>.json``, written last by the commit: a run exists for readers once this exists.
+
+    Written as JSON with exactly these keys (pinned by a golden test); readers take it as a plain dict.
+    """
+
+    run_id: str = field(metadata=_STRING)
+    run_date: str = field(metadata=runs_column(pa.date32()))  # YYYY-MM-DD (UTC) of the first attempt: partition
+    started_at: str = field(metadata=runs_column(_TS))  # ISO time of the first attempt
+    finished_at: str = field(metadata=runs_column(_TS))  # ISO time with milliseconds: orders same-second runs
+    model: str = field(metadata=_STRING)  # the model artifact URI the run was given (absolute when local)
+    model_version: str = field(metadata=_STRING)
+    source: str = field(metadata=_STRING)  # credentials redacted
+    schema_version: int = field(metadata=runs_column(pa.int32()))  # OUTPUT_SCHEMA_VERSION of the rows
+    incremental: bool = field(metadata=runs_column(pa.bool_()))  # False for --full runs
+    tasks: list[str] = field(metadata=runs_column(pa.list_(pa.string())))  # task names
+    counts: RunCounts
+    timings: RunTimings
+    resources: dict[str, Any]  # the executor's plan: executor, actors, num_gpus, num_cpus, threads, ...
+    savings: dict[str, Any]  # accounting.Savings.to_dict()
+    notes: list[str]
+    files: list[ManifestFile] = field(default_factory=list)  # filled in by the commit
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (nested dicts and lists)."""
+        return asdict(self)

@@ -12,12 +12,15 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-from catalog_tagger.errors import UserError
+from catalog_tagger.errors import RayJobFailed, UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,12 @@ RETRY_ATTEMPTS = 5
 # "This request is wrong", not "the store hiccupped": retrying only delays the failure.
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 _PERMANENT_ERRNOS = {errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.EROFS, errno.ENOSPC}
-# Transient failures by class name (botocore/aiohttp/urllib3 types, without importing them) and by message.
+# Transient failures by class name, so that classifying one imports neither Ray nor botocore/aiohttp/urllib3:
+# connection and timeout errors of the HTTP clients, and Ray's head/worker/actor/object losses.
 _TRANSIENT_NAMES = re.compile(
     r"Connection|Timeout|ServerDisconnected|ClientOSError|ClientPayloadError|ResponseParserError|IncompleteRead"
+    r"|RaySystemError|ActorDied|ActorUnavailable|NodeDied|ObjectLost|ObjectFetchTimedOut|OwnerDied|WorkerCrashed"
+    r"|RpcError"
 )
 _TRANSIENT_TEXT = (
     "SlowDown",
@@ -47,10 +53,12 @@ _FS_CACHE: dict[tuple[str, str], AbstractFileSystem] = {}
 
 
 def protocol_of(uri: str) -> str:
+    """The fsspec protocol of ``uri`` (``file`` for a bare path)."""
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
 def is_local(uri: str) -> bool:
+    """Whether ``uri`` names a local file (a bare path or ``file://``)."""
     return protocol_of(uri) in ("file", "local")
 
 
@@ -83,6 +91,7 @@ def unstrip(proto: str, path: str) -> str:
 
 
 def join(uri: str, *parts: str) -> str:
+    """``uri`` with path ``parts`` appended, in the form users see (see ``unstrip``)."""
     if is_local(uri):
         return os.path.join(strip(uri), *parts)
     proto = protocol_of(uri)
@@ -90,22 +99,52 @@ def join(uri: str, *parts: str) -> str:
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    fs = filesystem(uri, storage_options)
-    return fs.cat_file(strip(uri))
+    """The whole object at ``uri`` (no retry: callers that want one wrap it in ``retry_transient``)."""
+    data: bytes = filesystem(uri, storage_options).cat_file(strip(uri))
+    return data
 
 
-def is_transient(err: BaseException) -> bool:
-    """True for store errors worth a retry (throttling, 5xx, resets, timeouts); never for a missing or refused path."""
-    if isinstance(err, _PERMANENT):
-        return False
-    if isinstance(err, OSError) and err.errno in _PERMANENT_ERRNOS:
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` first, then its causes and contexts, and the user exception a Ray ``RayTaskError`` wraps."""
+    out: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is seen for seen in out):
+            continue
+        out.append(e)
+        cause = getattr(e, "cause", None)
+        todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
+    return out
+
+
+def _verdict(err: BaseException) -> bool | None:
+    """Whether this one exception is worth a retry; None when it says nothing either way."""
+    if isinstance(err, RayJobFailed):
+        return err.retryable
+    if isinstance(err, _PERMANENT) or (isinstance(err, OSError) and err.errno in _PERMANENT_ERRNOS):
         return False
     if isinstance(err, (ConnectionError, TimeoutError, OSError)):
         return True
     if any(_TRANSIENT_NAMES.search(t.__name__) for t in type(err).__mro__):
         return True
     text = f"{type(err).__name__} {err}"
-    return any(s in text for s in _TRANSIENT_TEXT)
+    return True if any(s in text for s in _TRANSIENT_TEXT) else None
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for failures worth a retry: store throttling, 5xx, resets, timeouts, lost Ray workers or connections,
+    a Ray job that may succeed again. Never for bad input (a ``UserError`` anywhere in the chain) or a missing or
+    refused path. The first exception of the chain (see ``exception_chain``) that says either way decides.
+    """
+    chain = exception_chain(err)
+    if any(isinstance(e, UserError) for e in chain):
+        return False
+    for e in chain:
+        verdict = _verdict(e)
+        if verdict is not None:
+            return verdict
+    return False
 
 
 def is_storage_error(err: BaseException) -> bool:
@@ -120,7 +159,7 @@ def retry_transient(fn: Callable[[], T], what: str, *, attempts: int = RETRY_ATT
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - classified below
+        except Exception as err:  # classified below: transient ones are retried
             if attempt == attempts or not is_transient(err):
                 raise
             log.warning("%s failed (%s: %s), retry %d/%d", what, type(err).__name__, err, attempt, attempts - 1)
@@ -222,14 +261,42 @@ def redact(uri: str) -> str:
     return _USERINFO.sub(r"\1***@", uri)
 
 
-def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
-    return filesystem(uri, storage_options).exists(strip(uri))
+def read_uri_table(
+    uri: str, storage_options: dict[str, Any] | None = None, *, what: str = "table", strings: bool = False
+) -> pa.Table:
+    """A table a user points us at (a tagging manifest, a labels table): CSV by extension, Parquet otherwise.
 
+    CSV is ``.csv``, ``.csv.gz`` or ``.tsv``. ``strings=True`` reads every CSV column as text with empty cells
+    null, so that values such as ``01`` or ``true`` stay as written. A missing or unreadable file is a UserError
+    naming ``what``; transient store errors are retried, then raised as they are (the caller may retry the run).
+    """
+    import gzip
 
-def move(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> None:
-    fs = filesystem(src, storage_options)
-    if is_local(src):
-        os.makedirs(os.path.dirname(strip(dst)), exist_ok=True)
-        os.replace(strip(src), strip(dst))
-    else:
-        fs.mv(strip(src), strip(dst))
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    shown = redact(uri)
+    try:
+        data = retry_transient(lambda: read_bytes(uri, storage_options), f"read {shown}")
+    except FileNotFoundError:
+        raise UserError(f"{what} {shown!r} not found") from None
+    except OSError as err:
+        if is_transient(err):
+            raise
+        raise UserError(f"{what} {shown!r} cannot be read: {err}") from None
+    name = uri.lower().split("?", 1)[0]
+    try:
+        if not name.endswith((".csv", ".csv.gz", ".tsv")):
+            return pq.read_table(pa.BufferReader(data))
+        if name.endswith(".gz"):
+            data = gzip.decompress(data)
+        parse = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
+        convert = pacsv.ConvertOptions()
+        if strings:
+            names = pacsv.open_csv(pa.BufferReader(data), parse_options=parse).schema.names
+            text = dict.fromkeys(names, pa.string())
+            convert = pacsv.ConvertOptions(column_types=text, null_values=[""], strings_can_be_null=True)
+        return pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
+    except (OSError, ValueError) as err:  # pa.ArrowInvalid is a ValueError; a bad gzip stream an OSError
+        raise UserError(f"{what} {shown!r} cannot be read ({err}); give a Parquet or CSV file") from None

@@ -7,14 +7,17 @@ given": it is dropped so the model's default wins, and the defaults live in one 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR
 from catalog_tagger.errors import ConfigError, UserError
 from catalog_tagger.tag.cluster import ray_path
 from catalog_tagger.tag.job import TagJobConfig
+
+if TYPE_CHECKING:
+    from catalog_tagger.train.config import TrainConfig
 
 
 def _required_uri(name: str, v: str) -> str:
@@ -31,7 +34,7 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @classmethod
-    def parse(cls, flow: str, **values: Any):
+    def parse(cls, flow: str, **values: Any) -> Self:
         """Build from flow arguments; unset (None) values are dropped so defaults win. Errors name the field."""
         try:
             return cls.model_validate({k: v for k, v in values.items() if v is not None})
@@ -57,8 +60,8 @@ class NightlyParams(_Params):
 
     @field_validator("source", "output", "model")
     @classmethod
-    def _uri(cls, v: str, info) -> str:
-        return _required_uri(info.field_name, v)
+    def _uri(cls, v: str, info: ValidationInfo) -> str:
+        return _required_uri(str(info.field_name), v)
 
     @field_validator("ray_address")
     @classmethod
@@ -95,11 +98,11 @@ class TrainParams(_Params):
 
     @field_validator("tasks", "labels", "out")
     @classmethod
-    def _uri(cls, v: str, info) -> str:
-        return _required_uri(info.field_name, v)
+    def _uri(cls, v: str, info: ValidationInfo) -> str:
+        return _required_uri(str(info.field_name), v)
 
-    def train_config(self):
+    def train_config(self) -> TrainConfig:
         """The library's ``TrainConfig`` (its own checks run here: a bad value is a ``ConfigError``)."""
-        from catalog_tagger.train.loop import TrainConfig
+        from catalog_tagger.train.config import TrainConfig
 
         return TrainConfig.parse(**self.model_dump(), progress=False)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.nightly import TRANSIENT_RETRY, flow_run_namer
+from flows.artifacts import publish_training
 from flows.params import TrainParams
+from flows.runtime import TRANSIENT_RETRY, flow_run_namer
 
 # A retry restarts training from scratch: one is enough for a storage hiccup while reading labels or images.
 TRAIN_RETRY = {**TRANSIENT_RETRY, "retries": 1}
@@ -17,7 +17,7 @@ TRAIN_RETRY = {**TRANSIENT_RETRY, "retries": 1}
 @task(name="train", **TRAIN_RETRY)
 def train_task(params: TrainParams) -> dict[str, Any]:
     """Train and save the artifact; return a JSON-able summary (the artifact itself is the result)."""
-    from catalog_tagger.train.loop import train
+    from catalog_tagger.train.pipeline import train
 
     res = train(params.train_config())
     return {
@@ -31,13 +31,6 @@ def train_task(params: TrainParams) -> dict[str, Any]:
         "seconds": round(res.seconds, 1),
         "comparison": res.comparison,
     }
-
-
-def metrics_table(metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("accuracy", "macro_f1", "micro_f1", "map")
-    return [
-        {"task": name, "metric": k, "value": m[k]} for name, m in metrics.items() for k in keys if m.get(k) is not None
-    ]
 
 
 @flow(name="train-model", flow_run_name=flow_run_namer("train"), persist_result=False)
@@ -59,38 +52,9 @@ def train_model(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Train the multi-head model on a labels table and write the artifact; metrics become Prefect artifacts."""
-    params = TrainParams.parse(
-        "train_model",
-        tasks=tasks,
-        labels=labels,
-        out=out,
-        backbone=backbone,
-        image_size=image_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        patience=patience,
-        workers=workers,
-        ray_address=ray_address,
-        seed=seed,
-        single_task=single_task,
-        max_images=max_images,
-        device=device,
-    )
+    params = TrainParams.parse("train_model", **locals())  # read first thing: exactly the flat parameters
     params.train_config()  # the library's own checks, before any image is read
     result = train_task(params)
-    create_table_artifact(
-        key="train-metrics", table=metrics_table(result["metrics"]), description=f"Test metrics of {result['out']}"
-    )
-    md = [
-        f"# Trained `{result['out']}` (version `{result['model_version']}`)",
-        "",
-        f"{result['images_used']:,} images ({result['skipped']} skipped), best epoch {result['best_epoch']}/"
-        f"{result['epochs_run']}, {result['seconds']:.0f} s.",
-    ]
-    if result["comparison"]:
-        c = result["comparison"]
-        md.append(f"Measured multi-head vs {c['n_tasks']} single-task models: cost ratio {c['cost_ratio']:.2f}x.")
-    create_markdown_artifact(key="train-summary", markdown="\n".join(md) + "\n")
+    publish_training(result)
     get_run_logger().info("trained %s (version %s)", result["out"], result["model_version"])
     return result

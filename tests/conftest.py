@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     import torch
 
     if torch.cuda.is_available():
@@ -122,7 +122,7 @@ def catalog_kit(tmp_path_factory, tiny_model_factory):
     Returns a dict: ``source`` (images folder), ``model``, ``root``, ``tasks``, ``labels``, ``images`` (paths)
     and ``synth`` (the ``SynthResult``).
     """
-    from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.synthetic.catalog import SynthConfig, generate
 
     def make(*, images: int = 20, seed: int = 0, min_size: int = 300, max_size: int = 400, name: str = "kit"):
         root = tmp_path_factory.mktemp(name)

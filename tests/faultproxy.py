@@ -39,10 +39,10 @@ class Rule:
     """Decides a request's fault (None: forward it). ``observe`` sees the status of every forwarded request."""
 
     def __call__(self, method: str, path: str) -> Fault | None:  # pragma: no cover - interface
-        return None
+        """The fault to inject for this request, or None to forward it."""
 
     def observe(self, method: str, path: str, status: int) -> None:
-        return None
+        """See the status of a forwarded request (rules that arm themselves on success override this)."""
 
 
 class EveryNth(Rule):
@@ -54,7 +54,7 @@ class EveryNth(Rule):
         *,
         methods: tuple[str, ...] = ("GET", "PUT"),
         kinds: tuple[Fault, ...] = ("503", "reset"),
-        when: Callable[[str], bool] = lambda path: True,
+        when: Callable[[str], bool] = lambda _path: True,
     ) -> None:
         self.n, self.methods, self.kinds, self.when = n, methods, kinds, when
         self.seen: Counter[str] = Counter()
@@ -105,14 +105,14 @@ class DenyWritesAfter(Rule):
             self.armed = True
 
     def heal(self) -> None:
-        self.trigger = lambda method, path: False
+        self.trigger = lambda _method, _path: False
         self.armed = False
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: object, client_address: object) -> None:  # noqa: ARG002 - socketserver's signature
         log.debug("proxy: connection from %s ended with an error", client_address)
 
 
@@ -186,7 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: ThreadingHTTPServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("proxy: " + format, *args)
 
     def _body(self) -> bytes:

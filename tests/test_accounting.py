@@ -84,7 +84,7 @@ def test_compute_savings_arithmetic():
 def test_run_manifest_savings_are_measured(tmp_path):
     """The job's accelerator seconds agree with timing the same model on the same images in-process."""
     from catalog_tagger.model.artifact import card_for, save_artifact
-    from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.synthetic.catalog import SynthConfig, generate
     from catalog_tagger.tag.job import TagJobConfig, run
 
     cat = generate(SynthConfig(out=str(tmp_path / "cat"), images=48, seed=3, min_size=300, max_size=360))
@@ -110,7 +110,7 @@ def test_run_manifest_savings_are_measured(tmp_path):
 def test_user_baseline_artifacts_are_timed_instead_of_the_calibration(tmp_path):
     """``--baseline``: n real single-task artifacts; their measured cost replaces the backbone+head estimate."""
     from catalog_tagger.model.artifact import card_for, save_artifact
-    from catalog_tagger.synthetic import SynthConfig, generate
+    from catalog_tagger.synthetic.catalog import SynthConfig, generate
     from catalog_tagger.tag.job import TagJobConfig, run
 
     cat = generate(SynthConfig(out=str(tmp_path / "cat"), images=24, seed=4, min_size=300, max_size=340))

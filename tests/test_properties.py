@@ -21,8 +21,8 @@ from catalog_tagger.errors import ConfigError
 from catalog_tagger.model.artifact import ModelCard
 from catalog_tagger.model.inference import output_columns
 from catalog_tagger.model.multihead import ModelOutput
-from catalog_tagger.schema import BASE_FIELDS, OUTPUT_SCHEMA_VERSION, output_schema
-from catalog_tagger.tag.predictor import ACCEL_COL, CALIB_COL, DECODE_COL, Predictor
+from catalog_tagger.schema import ACCEL_COL, BASE_FIELDS, CALIB_COL, DECODE_COL, OUTPUT_SCHEMA_VERSION, output_schema
+from catalog_tagger.tag.predictor import Predictor
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

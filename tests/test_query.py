@@ -23,7 +23,7 @@ from modelkit import centred_model
 
 from catalog_tagger.errors import UserError
 from catalog_tagger.query import RUNS_SCHEMA, VIEWS, connect, query, similar
-from catalog_tagger.synthetic import SynthConfig, generate
+from catalog_tagger.synthetic.catalog import SynthConfig, generate
 from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.job import TagJobConfig, run
 
@@ -244,7 +244,7 @@ def test_similar_by_image_file(tagged, tmp_path):
     assert res[0]["uri"] == target and res[0]["similarity"] > 0.999
     r = _cli("similar", "--output", tagged.out, "--image", str(outside), "-k", "2", "--json")
     assert r.returncode == 0, r.stderr
-    assert [json.loads(line)["uri"] for line in r.stdout.splitlines()][0] == target
+    assert json.loads(r.stdout.splitlines()[0])["uri"] == target
 
 
 @pytest.mark.integration

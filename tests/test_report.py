@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from modelkit import centred_model
 
-from catalog_tagger.report import render_report, savings_items, write_report
-from catalog_tagger.synthetic import SynthConfig, generate
+from catalog_tagger.accounting import compute_savings
+from catalog_tagger.render import SAVINGS_FIELDS, savings_rows
+from catalog_tagger.report import render_report, write_report
+from catalog_tagger.synthetic.catalog import SynthConfig, generate
 from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.job import TagJobConfig, run
 
@@ -71,11 +73,19 @@ def test_report_is_one_escaped_self_contained_page(tagged):
 
 
 def test_savings_labels_say_how_it_was_measured(tagged):
-    items = {key: (label, shown) for key, label, shown, _ in savings_items(tagged.manifest["savings"])}
+    items = {key: (label, shown) for key, label, shown, _ in savings_rows(tagged.manifest["savings"])}
     assert "measured" in items["multi_head_accel_hours"][0]
     assert items["single_task_accel_hours"][0].startswith("single-task accelerator-hours (calibrated")
     assert items["images"][1] == str(len(ok_rows(tagged)))
     assert set(items) >= {"accel_hours_saved", "fraction_saved", "cost_saved", "decode_cpu_s_saved", "method"}
+
+
+def test_every_savings_number_has_one_label() -> None:
+    """The console, this page and the Prefect artifact all label the savings from SAVINGS_FIELDS: none is missing."""
+    savings = compute_savings(images=1, tasks=2, device="cpu", multi_s=1.0, single_s=2.0, decode_s=1.0).to_dict()
+    keys = [f.key for f in SAVINGS_FIELDS]
+    assert sorted(keys) == sorted(savings) and len(set(keys)) == len(keys)
+    assert [row[0] for row in savings_rows(savings, details=True)] == keys
 
 
 def test_cli_report_paths_and_unknown_run(tagged, tmp_path):

@@ -17,21 +17,9 @@ from PIL import Image
 from catalog_tagger.config import load_tasks
 from catalog_tagger.decode import decode_image
 from catalog_tagger.errors import DecodeError, UserError
-from catalog_tagger.synthetic import (
-    _COLOR_RGB,
-    BADGES,
-    COLORS,
-    CORE_POINT,
-    GARMENTS,
-    PATTERNS,
-    SYNTH_TASKS,
-    SynthConfig,
-    _draw,
-    _plan,
-    generate,
-    render_image,
-    write_bad_images,
-)
+from catalog_tagger.synthetic.catalog import SynthConfig, generate, write_bad_images
+from catalog_tagger.synthetic.draw import CORE_POINT, picture, render_image
+from catalog_tagger.synthetic.plan import BADGES, COLOR_RGB, COLORS, GARMENTS, PATTERNS, SYNTH_TASKS, plan_image
 
 SMALL = {"min_size": 300, "max_size": 500}
 
@@ -174,7 +162,7 @@ def test_exif_oriented_images_decode_upright(sample: list[tuple[bytes, str, dict
         assert (dec.width, dec.height) == (truth["width"], truth["height"])
         # Compare with the upright picture before encoding: a wrong rotation would differ wildly.
         rng = np.random.default_rng([0, index])
-        upright = _draw(_plan(rng, 300, 500), rng)
+        upright = picture(plan_image(rng, 300, 500), rng)
         if truth["grayscale"]:
             upright = upright.convert("L")
         ref = np.asarray(upright.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
@@ -192,7 +180,7 @@ def _core_patch(arr: np.ndarray, truth: dict, radius: int) -> np.ndarray:
 
 
 def test_plain_items_show_their_labelled_colour(sample: list[tuple[bytes, str, dict]]) -> None:
-    palette = np.array([_COLOR_RGB[c] for c in COLORS], dtype=np.float32)
+    palette = np.array([COLOR_RGB[c] for c in COLORS], dtype=np.float32)
     checked = 0
     for data, _, truth in sample:
         if truth["pattern"] != "plain" or truth["grayscale"]:
@@ -228,7 +216,7 @@ def test_text_and_sale_badges_are_where_they_should_be(sample: list[tuple[bytes,
         assert (warm > 0.05) if "sale" in truth["badges"] else (warm < 0.01), (truth, warm)
 
 
-def test_memory_url(tmp_path: Path) -> None:
+def test_memory_url() -> None:
     fs = fsspec.filesystem("memory")
     try:
         res = generate(SynthConfig(out="memory://synth-test", images=6, **SMALL))

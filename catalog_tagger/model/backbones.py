@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,17 +60,21 @@ class Trunk(nn.Module):
         self.flatten = nn.Flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.flatten(self.post(self.pool(self.features(x))))
+        out: torch.Tensor = self.flatten(self.post(self.pool(self.features(x))))
+        return out
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
+    """A builder of torchvision's ``name`` (random init) cut before its classifier."""
+
     def build() -> nn.Module:
         import torchvision.models as tvm
 
-        m = getattr(tvm, name)(weights=None)
+        m: Any = getattr(tvm, name)(weights=None)  # torchvision models differ in their attributes
         if name.startswith("resnet"):
             m.fc = nn.Identity()
-            return m
+            trunk: nn.Module = m
+            return trunk
         if name.startswith("convnext"):
             # convnext's classifier starts with a LayerNorm2d that belongs to the embedding.
             return Trunk(m.features, post=m.classifier[0])

@@ -28,6 +28,9 @@ class ModelOutput:
 class MultiHeadModel(nn.Module):
     """Shared backbone (``forward_features``) + one linear head per task (``forward_head``)."""
 
+    mean: torch.Tensor  # (1, 3, 1, 1) buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(
         self,
         *,
@@ -62,10 +65,14 @@ class MultiHeadModel(nn.Module):
         return (x - self.mean) / self.std
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        """The shared trunk: images (B, 3, H, W) -> embedding (B, D)."""
+        emb: torch.Tensor = self.backbone(x)
+        return emb
 
     def forward_head(self, embedding: torch.Tensor, task: str) -> torch.Tensor:
-        return self.heads[task](self.dropout(embedding))
+        """One task's logits from the shared embedding."""
+        logits: torch.Tensor = self.heads[task](self.dropout(embedding))
+        return logits
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         emb = self.forward_features(x)

@@ -100,5 +100,6 @@ def find_pretrained(backbone: str, weights: str | None) -> dict[str, torch.Tenso
     if cached.exists():
         # torchvision's own cache file: read with torch's allow-list loader (weights_only=True), which
         # refuses arbitrary objects, so no code from the file can run.
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        state: dict[str, torch.Tensor] = torch.load(cached, map_location="cpu", weights_only=True)
+        return state
     return None

@@ -2,9 +2,9 @@
 
 ``ray_address`` picks the path (``ray_path``):
 
-- ``None`` / ``"local"``: Ray started in this process, sized to the machine (``job.init_ray``).
+- ``None`` / ``"local"``: Ray started in this process, sized to the machine (``executors.init_ray``).
 - ``"auto"``, ``"ray://head:10001"``, ``"head:6379"``: this process connects to the cluster and drives the job;
-  the Ray Data pipeline runs on the cluster's nodes (``job.run`` -> ``job.init_ray(address)``).
+  the Ray Data pipeline runs on the cluster's nodes (``job.run`` -> ``executors.init_ray(address)``).
 - ``"http(s)://head:8265"`` (the dashboard): the job is submitted through the Ray Jobs API and its driver runs
   on the cluster (``python -m catalog_tagger.cli tag ...``). This process only submits, streams the job's logs,
   maps its final status and reads the committed manifest. Storage credentials stay in the cluster's environment:
@@ -24,12 +24,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from catalog_tagger.errors import RayJobFailed, UserError
-from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag import job
-from catalog_tagger.tag.job import RunResult, TagJobConfig
+from catalog_tagger.tag.commit import Layout, read_json
+from catalog_tagger.tag.config import TagJobConfig
+from catalog_tagger.tag.executors import ProgressFn
+from catalog_tagger.tag.job import RunResult
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ class JobsOptions:
 def run_tag(
     cfg: TagJobConfig,
     *,
-    progress: job.ProgressFn | None = None,
+    progress: ProgressFn | None = None,
     on_log: LogFn | None = None,
     jobs: JobsOptions | None = None,
 ) -> RunResult:
@@ -135,18 +140,18 @@ def job_runtime_env(options: JobsOptions) -> dict[str, Any]:
     return env
 
 
-def _client(address: str):
+def _client(address: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
     except ConnectionError:
         raise
-    except Exception as err:  # noqa: BLE001 - the SDK raises bare Exceptions for an unreachable dashboard
+    except Exception as err:  # the SDK raises bare Exceptions for an unreachable dashboard
         raise ConnectionError(f"cannot reach the Ray Jobs API at {address!r}: {err}") from err
 
 
-def _jobs_of_run(client, run_id: str) -> list:
+def _jobs_of_run(client: Any, run_id: str) -> list[Any]:
     jobs = [j for j in client.list_jobs() if (j.metadata or {}).get(RUN_ID_METADATA) == run_id and j.submission_id]
     return sorted(jobs, key=lambda j: j.start_time or 0)
 
@@ -203,7 +208,7 @@ def submit_tag_job(
     raise RayJobFailed(detail, status=str(status), submission_id=submission_id, retryable=status == JobStatus.FAILED)
 
 
-def follow_job(client: Any, submission_id: str, *, on_log: LogFn | None = None, poll_s: float = 2.0):
+def follow_job(client: Any, submission_id: str, *, on_log: LogFn | None = None, poll_s: float = 2.0) -> JobStatus:
     """Stream a job's log lines to ``on_log`` until it ends; return its terminal ``JobStatus``."""
     if on_log is not None:
         try:
@@ -211,7 +216,7 @@ def follow_job(client: Any, submission_id: str, *, on_log: LogFn | None = None, 
         except Exception as err:  # noqa: BLE001 - logs are a convenience; the status below is the truth
             log.warning("log stream of Ray job %s broke (%s); polling its status", submission_id, err)
     while True:
-        status = client.get_job_status(submission_id)
+        status: JobStatus = client.get_job_status(submission_id)
         if status.is_terminal():
             return status
         time.sleep(poll_s)
@@ -242,13 +247,13 @@ def _log_tail(client: Any, submission_id: str, lines: int = 20) -> str:
 
 def _result_from_output(cfg: TagJobConfig, wall_s: float, submission_id: str) -> RunResult:
     """What the job committed, read back from the output store (absent when there was nothing to tag)."""
-    assert cfg.run_id is not None
-    layout = ledger.Layout(cfg.output, cfg.storage_options)
-    manifest = ledger.read_json(layout.manifest(cfg.run_id), cfg.storage_options)
+    run_id = str(cfg.run_id)
+    layout = Layout(cfg.output, cfg.storage_options)
+    manifest = read_json(layout.manifest(run_id), cfg.storage_options)
     note = f"ran as Ray job {submission_id}"
     if manifest is None:
         return RunResult(
-            run_id=cfg.run_id,
+            run_id=run_id,
             listed=0,
             processed=0,
             ok=0,
@@ -259,16 +264,4 @@ def _result_from_output(cfg: TagJobConfig, wall_s: float, submission_id: str) ->
             output=cfg.output,
             notes=[note, "nothing committed: no new or changed images (see the job's logs)"],
         )
-    c = manifest.get("counts", {})
-    return RunResult(
-        run_id=cfg.run_id,
-        listed=int(c.get("listed", 0)),
-        processed=int(c.get("rows", 0)),
-        ok=int(c.get("ok", 0)),
-        error=int(c.get("error", 0)),
-        unchanged=int(c.get("unchanged", 0)),
-        wall_s=wall_s,
-        manifest=manifest,
-        output=cfg.output,
-        notes=[note, *manifest.get("notes", [])],
-    )
+    return RunResult.from_manifest(manifest, output=cfg.output, wall_s=wall_s, notes=[note, *manifest.get("notes", [])])

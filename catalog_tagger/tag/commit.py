@@ -1,31 +1,35 @@
-"""Run bookkeeping on the output store: staging, per-shard stats, the commit lock, the commit (manifest last)."""
+"""Run bookkeeping on the output store: the layout, staged shards, the commit (manifest last), committed runs.
+
+A run stages part files under ``_staging/<run_id>/`` (each with a stats file written after it: a shard without
+stats is not done), then commits holding the output's commit lock (``lock.py``): it records an intent, moves
+the parts into ``predictions/run_date=.../run_id=.../`` and writes ``runs/<run_id>.json`` LAST. Readers only
+see runs whose manifest exists, so a crash at any point leaves nothing half-visible, and a rerun finishes it.
+"""
 
 from __future__ import annotations
 
-import errno
+import io
 import json
 import logging
-import os
 import posixpath
-import random
-import socket
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec import AbstractFileSystem
 
-from catalog_tagger.errors import CommitError, CommitLockLost, CommitLockTimeout
+from catalog_tagger.errors import CommitError, CommitLockLost, CommitLockTimeout, OutputWriteError, UserError
+from catalog_tagger.schema import STATUS_ERROR, STATUS_OK, ManifestFile, RunManifest
 from catalog_tagger.storage import (
-    create_exclusive,
     filesystem,
-    is_local,
+    is_storage_error,
+    is_transient,
     join,
-    protocol_of,
+    redact,
     retry_transient,
     strip,
     write_bytes_atomic,
@@ -38,11 +42,7 @@ PREDICTIONS_DIR = "predictions"
 STAGING_DIR = "_staging"
 LOCKS_DIR = "_locks"
 COMMIT_LOCK = "commit.lock"
-MANIFEST_VERSION = 1
-
-LOCK_WAIT_S = 1800.0  # how long a commit waits for another run's commit on the same output
-LOCK_STALE_S = 900.0  # a lock not refreshed for this long is presumed dead and taken over
-LOCK_REFRESH_S = 60.0  # a long commit refreshes its lock this often, so it never looks stale
+INTENT = "_commit.json"  # the recorded commit: moves + manifest, written before the first move
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ class Layout:
     def staging(self, run_id: str) -> str:
         return join(self.output, STAGING_DIR, run_id)
 
+    def staged(self, run_id: str, name: str) -> str:
+        """A file of a run's staging folder."""
+        return join(self.staging(run_id), name)
+
     def commit_lock(self) -> str:
         return join(self.output, LOCKS_DIR, COMMIT_LOCK)
 
@@ -72,41 +76,46 @@ class Layout:
     def abs(self, rel: str) -> str:
         return join(self.output, *rel.split("/"))
 
+    def fs(self) -> AbstractFileSystem:
+        return filesystem(self.output, self.storage_options)
 
-def _fs(layout: Layout):
-    return filesystem(layout.output, layout.storage_options)
 
-
+# --------------------------------------------------------------------------------------------- JSON documents
 def read_json(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The JSON document at ``uri``, or None when there is none (transient store errors are retried)."""
     fs = filesystem(uri, storage_options)
 
     def read() -> dict[str, Any] | None:
         try:
-            return json.loads(fs.cat_file(strip(uri)))
+            return cast(dict[str, Any], json.loads(fs.cat_file(strip(uri))))
         except FileNotFoundError:
             return None
 
     return retry_transient(read, f"read {uri}")
 
 
-def _ls_fresh(fs, path: str) -> list[str]:
-    """List a folder bypassing fsspec's listing cache (another process may have written there since)."""
-    fs.invalidate_cache(path)
-    return retry_transient(lambda: fs.ls(path, detail=False), f"list {path}")
-
-
 def write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
     write_bytes_atomic(uri, json.dumps(data, indent=2, sort_keys=True, default=str).encode(), storage_options)
 
 
+def _read_path(fs: AbstractFileSystem, path: str) -> bytes:
+    return cast(bytes, retry_transient(lambda: fs.cat_file(path), f"read {path}"))
+
+
+def _ls_fresh(fs: AbstractFileSystem, path: str) -> list[str]:
+    """List a folder bypassing fsspec's listing cache (another process may have written there since)."""
+    fs.invalidate_cache(path)
+    return cast(list[str], retry_transient(lambda: fs.ls(path, detail=False), f"list {path}"))
+
+
+# --------------------------------------------------------------------------------------------- committed runs
 def committed_manifests(layout: Layout) -> list[dict[str, Any]]:
     """Every committed run, oldest first (by finish time). Only these runs' files count."""
-    fs = _fs(layout)
+    fs = layout.fs()
     out = []
     for name in _manifest_paths(layout):
         try:
-            m = json.loads(retry_transient(lambda name=name: fs.cat_file(name), f"read {name}"))
+            m = json.loads(_read_path(fs, name))
         except (json.JSONDecodeError, FileNotFoundError) as err:
             log.warning("ignoring unreadable run manifest %s: %s", name, err)
             continue
@@ -117,7 +126,7 @@ def committed_manifests(layout: Layout) -> list[dict[str, Any]]:
 
 def _manifest_paths(layout: Layout) -> list[str]:
     try:
-        names = _ls_fresh(_fs(layout), strip(join(layout.output, RUNS_DIR)))
+        names = _ls_fresh(layout.fs(), strip(join(layout.output, RUNS_DIR)))
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.endswith(".json") and not posixpath.basename(n).startswith((".", "_")))
@@ -129,7 +138,8 @@ def committed_run_ids(layout: Layout) -> list[str]:
 
 
 def committed_files(layout: Layout, *, model_version: str | None = None) -> list[str]:
-    files = []
+    """The part files of every committed run (of one model version, if given), as URIs."""
+    files: list[str] = []
     for m in committed_manifests(layout):
         if model_version is not None and m.get("model_version") != model_version:
             continue
@@ -137,7 +147,7 @@ def committed_files(layout: Layout, *, model_version: str | None = None) -> list
     return files
 
 
-# --------------------------------------------------------------------------------------------- staging / shards
+# --------------------------------------------------------------------------------------------- staged shards
 @dataclass
 class Shard:
     """One staged part file and its stats (the stats file is written after the part, under a temp name)."""
@@ -151,27 +161,34 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def write_shard(layout: Layout, run_id: str, index: int, table: pa.Table, stats: dict[str, Any]) -> Shard:
-    """Stage one part: parquet first, then its stats JSON; a shard without stats is not done."""
-    import io
+def status_counts(table: pa.Table) -> dict[str, int]:
+    """``ok`` and ``error`` rows of a table in the output schema."""
+    status = table.column("status")
+    return {
+        "ok": int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0),
+        "error": int(pc.sum(pc.equal(status, STATUS_ERROR)).as_py() or 0),
+    }
 
+
+def write_shard(layout: Layout, run_id: str, index: int, table: pa.Table, timing: dict[str, float]) -> Shard:
+    """Stage one part: parquet first, then its stats JSON (counts, ``timing`` seconds, size); without stats a
+    shard is not done."""
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=8192)
-    staged = join(layout.staging(run_id), shard_name(index) + ".parquet")
+    staged = layout.staged(run_id, shard_name(index) + ".parquet")
     write_bytes_atomic(staged, buf.getvalue(), layout.storage_options)
-    stats = {**stats, "index": index, "rows": table.num_rows, "bytes": buf.tell()}
-    write_json(join(layout.staging(run_id), shard_name(index) + ".json"), stats, layout.storage_options)
+    stats = {**status_counts(table), **timing, "index": index, "rows": table.num_rows, "bytes": buf.tell()}
+    write_json(layout.staged(run_id, shard_name(index) + ".json"), stats, layout.storage_options)
     return Shard(index=index, path=staged, stats=stats)
 
 
 def done_shards(layout: Layout, run_id: str) -> list[Shard]:
     """Shards of an uncommitted run whose stats file exists (finished); others are ignored and rewritten."""
-    fs = _fs(layout)
-    root = strip(layout.staging(run_id))
+    fs = layout.fs()
     try:
-        names = _ls_fresh(fs, root)
+        names = _ls_fresh(fs, strip(layout.staging(run_id)))
     except FileNotFoundError:
         return []
     present = {posixpath.basename(n) for n in names}
@@ -180,103 +197,110 @@ def done_shards(layout: Layout, run_id: str) -> list[Shard]:
         base = posixpath.basename(name)
         if not (base.startswith("part-") and base.endswith(".json")):
             continue
-        stats = json.loads(retry_transient(lambda name=name: fs.cat_file(name), f"read {name}"))
-        parquet = join(layout.staging(run_id), base[: -len(".json")] + ".parquet")
-        if base[: -len(".json")] + ".parquet" in present:
-            shards.append(Shard(index=int(stats["index"]), path=parquet, stats=stats))
+        stats = json.loads(_read_path(fs, name))
+        parquet = base[: -len(".json")] + ".parquet"
+        if parquet in present:
+            shards.append(Shard(index=int(stats["index"]), path=layout.staged(run_id, parquet), stats=stats))
     return shards
 
 
 def read_shard(layout: Layout, shard: Shard) -> pa.Table:
     import pyarrow.parquet as pq
 
-    fs = _fs(layout)
+    fs = layout.fs()
     return retry_transient(lambda: pq.read_table(strip(shard.path), filesystem=fs), f"read {shard.path}")
 
 
 def remove_shard(layout: Layout, run_id: str, shard: Shard) -> None:
     """Unstage a shard: its stats file first (so a crash in between leaves a not-done shard, never a bad one)."""
-    fs = _fs(layout)
+    fs = layout.fs()
     for suffix in (".json", ".parquet"):
-        path = strip(join(layout.staging(run_id), shard_name(shard.index) + suffix))
+        path = strip(layout.staged(run_id, shard_name(shard.index) + suffix))
         with suppress(FileNotFoundError):
-            retry_transient(lambda path=path: fs.rm(path), f"remove {path}")
+            retry_transient(partial(fs.rm, path), f"remove {path}")
 
 
 def clear_staging(layout: Layout, run_id: str) -> None:
-    fs = _fs(layout)
+    fs = layout.fs()
     root = strip(layout.staging(run_id))
     fs.invalidate_cache(root)
-    try:
+    with suppress(FileNotFoundError):
         if retry_transient(lambda: fs.exists(root), f"stat {root}"):
             retry_transient(lambda: fs.rm(root, recursive=True), f"remove {root}")
-    except FileNotFoundError:
-        pass
 
 
+@contextmanager
+def output_errors(run_id: str, output: str) -> Iterator[None]:
+    """Turn a store's final refusal of a write into one clear error saying what was kept and how to resume."""
+    try:
+        yield
+    except (UserError, CommitLockTimeout, CommitLockLost):
+        raise
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        hint = f"run {run_id} is not committed; its staged shards are kept: rerun with --run-id {run_id} to resume"
+        if is_transient(err):  # retries exhausted: let the caller (Prefect) retry the whole run, which resumes
+            log.error("writing to %s kept failing (%s: %s); %s", redact(output), type(err).__name__, err, hint)
+            raise
+        raise OutputWriteError(f"cannot write to output {redact(output)}: {type(err).__name__}: {err}; {hint}") from err
+
+
+# --------------------------------------------------------------------------------------------- the commit
 def commit(
     layout: Layout,
     run_id: str,
-    run_date: str,
     shards: list[Shard],
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     *,
     heartbeat: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Publish a run: record the intent, move staged parts into the partition, write the manifest LAST.
 
     Crash-safe: the intent file lets a rerun finish a commit that died between the moves and the manifest.
-    Call it holding the output's commit lock (``commit_lock``); ``heartbeat`` keeps that lock fresh.
+    Call it holding the output's commit lock (``lock.commit_lock``); ``heartbeat`` keeps that lock fresh.
     """
-    fs = _fs(layout)
-    partition = layout.partition(run_date, run_id)
-    moves = [
+    partition = layout.partition(manifest.run_date, run_id)
+    moves: list[dict[str, Any]] = [
         {"src": s.path, "dst": join(partition, posixpath.basename(strip(s.path))), "stats": s.stats}
         for s in sorted(shards, key=lambda s: s.index)
     ]
-    files = [
-        {
-            "path": layout.rel(m["dst"]),
-            "rows": m["stats"]["rows"],
-            "ok": m["stats"].get("ok", 0),
-            "error": m["stats"].get("error", 0),
-            "bytes": m["stats"].get("bytes"),
-        }
+    manifest.files = [
+        ManifestFile(
+            path=layout.rel(m["dst"]),
+            rows=m["stats"]["rows"],
+            ok=m["stats"].get("ok", 0),
+            error=m["stats"].get("error", 0),
+            bytes=m["stats"].get("bytes"),
+        )
         for m in moves
     ]
-    manifest = {**manifest, "files": files, "manifest_version": MANIFEST_VERSION}
-    intent = join(layout.staging(run_id), "_commit.json")
-    write_json(intent, {"moves": moves, "manifest": manifest}, layout.storage_options)
-    return finish_commit(layout, run_id, intent_uri=intent, fs=fs, heartbeat=heartbeat)
+    intent = layout.staged(run_id, INTENT)
+    write_json(intent, {"moves": moves, "manifest": manifest.to_dict()}, layout.storage_options)
+    return finish_commit(layout, run_id, heartbeat=heartbeat)
 
 
-def finish_commit(
-    layout: Layout,
-    run_id: str,
-    *,
-    intent_uri: str | None = None,
-    fs=None,
-    heartbeat: Callable[[], None] | None = None,
-) -> dict[str, Any]:
+def finish_commit(layout: Layout, run_id: str, *, heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
     """Carry out a recorded commit intent (idempotent: moves already done are skipped), then write the manifest."""
-    fs = fs or _fs(layout)
-    intent_uri = intent_uri or join(layout.staging(run_id), "_commit.json")
+    fs = layout.fs()
+    intent_uri = layout.staged(run_id, INTENT)
     intent = read_json(intent_uri, layout.storage_options)
     if intent is None:
         raise FileNotFoundError(intent_uri)
     for m in intent["moves"]:
         if heartbeat is not None:
             heartbeat()
-        retry_transient(lambda m=m: _move_once(fs, run_id, m["src"], m["dst"]), f"publish {m['dst']}")
+        retry_transient(partial(_move_once, fs, run_id, m["src"], m["dst"]), f"publish {m['dst']}")
     if heartbeat is not None:
         heartbeat()
-    write_json(layout.manifest(run_id), intent["manifest"], layout.storage_options)
+    manifest: dict[str, Any] = intent["manifest"]
+    write_json(layout.manifest(run_id), manifest, layout.storage_options)
     clear_staging(layout, run_id)
-    log.info("committed run %s: %d file(s)", run_id, len(intent["manifest"]["files"]))
-    return intent["manifest"]
+    log.info("committed run %s: %d file(s)", run_id, len(manifest["files"]))
+    return manifest
 
 
-def _move_once(fs, run_id: str, src_uri: str, dst_uri: str) -> None:
+def _move_once(fs: AbstractFileSystem, run_id: str, src_uri: str, dst_uri: str) -> None:
     src, dst = strip(src_uri), strip(dst_uri)
     if fs.exists(src):
         fs.makedirs(posixpath.dirname(dst), exist_ok=True)
@@ -286,237 +310,8 @@ def _move_once(fs, run_id: str, src_uri: str, dst_uri: str) -> None:
 
 
 def pending_commit(layout: Layout, run_id: str) -> bool:
-    path = strip(join(layout.staging(run_id), "_commit.json"))
-    fs = _fs(layout)
+    """Whether a commit of ``run_id`` was recorded but not finished (a rerun must finish it)."""
+    path = strip(layout.staged(run_id, INTENT))
+    fs = layout.fs()
     fs.invalidate_cache(posixpath.dirname(path))
-    return retry_transient(lambda: fs.exists(path), f"stat {path}")
-
-
-# --------------------------------------------------------------------------------------------- commit lock
-@dataclass
-class CommitLock:
-    """The output's commit lock, held by one run: an exclusively created object with its owner's details."""
-
-    uri: str
-    token: str  # random: tells our lock from a stale one's successor
-    run_id: str
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)
-    etag: str | None = None  # object stores: the lock object's ETag, for conditional refresh and delete
-    refreshed: float = field(default_factory=time.monotonic)
-
-    def refresh(self, *, every_s: float = LOCK_REFRESH_S) -> None:
-        """Keep the lock fresh during a long commit; raises ``CommitLockLost`` if another run took it over."""
-        if time.monotonic() - self.refreshed < every_s:
-            return
-        holder = _read_lock(self.uri, self.storage_options)
-        if holder is None or holder.body.get("token") != self.token:
-            raise CommitLockLost(f"run {self.run_id}: the commit lock {self.uri} was taken over; rerun to finish")
-        if is_local(self.uri):
-            os.utime(strip(self.uri))
-        elif _is_s3(self.uri):
-            fs = filesystem(self.uri, self.storage_options)
-            try:
-                out = fs.pipe_file(strip(self.uri), holder.raw, IfMatch=self.etag)
-            except OSError as err:
-                if err.errno == errno.EINVAL:  # 412 Precondition Failed: replaced since we read it
-                    raise CommitLockLost(f"run {self.run_id}: the commit lock {self.uri} was taken over") from None
-                raise
-            self.etag = _etag_of(out) or _lock_etag(self.uri, self.storage_options)
-        else:
-            write_bytes_atomic(self.uri, holder.raw, self.storage_options)
-        self.refreshed = time.monotonic()
-
-
-@dataclass
-class _Holder:
-    body: dict[str, Any]
-    raw: bytes
-    mtime: float | None  # seconds since the epoch, by the store's clock
-    etag: str | None
-
-
-def _is_s3(uri: str) -> bool:
-    return protocol_of(uri) in ("s3", "s3a")
-
-
-def _etag_of(info: Any) -> str | None:
-    if isinstance(info, dict):
-        for key in ("ETag", "etag"):
-            if info.get(key):
-                return str(info[key])
-    return None
-
-
-def _lock_etag(uri: str, storage_options: dict[str, Any] | None) -> str | None:
-    fs = filesystem(uri, storage_options)
-    fs.invalidate_cache(strip(uri))
-    return _etag_of(retry_transient(lambda: fs.info(strip(uri)), f"stat {uri}"))
-
-
-def _read_lock(uri: str, storage_options: dict[str, Any] | None) -> _Holder | None:
-    """Who holds the lock (None: nobody). A lock whose body is not written yet reads as an unknown owner."""
-    path = strip(uri)
-    try:
-        if is_local(uri):
-            st = os.stat(path)
-            with open(path, "rb") as fh:
-                raw = fh.read()
-            mtime, etag = st.st_mtime, None
-        else:
-            fs = filesystem(uri, storage_options)
-            fs.invalidate_cache(path)
-            info = retry_transient(lambda: fs.info(path), f"stat {uri}")
-            raw = retry_transient(lambda: fs.cat_file(path), f"read {uri}")
-            modified = info.get("LastModified") or info.get("mtime")
-            mtime = modified.timestamp() if isinstance(modified, datetime) else None
-            etag = _etag_of(info)
-    except FileNotFoundError:
-        return None
-    try:
-        body = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        body = {}
-    return _Holder(body=body if isinstance(body, dict) else {}, raw=raw, mtime=mtime, etag=etag)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale_reason(holder: _Holder, stale_s: float) -> str | None:
-    b = holder.body
-    if b.get("host") == socket.gethostname() and isinstance(b.get("pid"), int) and not _pid_alive(b["pid"]):
-        return f"its process {b['pid']} on this host is gone"
-    since = holder.mtime if holder.mtime is not None else b.get("acquired_ts")
-    if since is not None and time.time() - float(since) > stale_s:
-        return f"not refreshed for {time.time() - float(since):.0f} s (> {stale_s:.0f} s)"
-    return None
-
-
-def _break_lock(uri: str, holder: _Holder, storage_options: dict[str, Any] | None) -> None:
-    """Remove a stale lock, but only the one we judged stale (never a successor's fresh lock)."""
-    path = strip(uri)
-    if is_local(uri):
-        aside = f"{path}.stale-{uuid.uuid4().hex}"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            with open(aside, "rb") as fh:
-                moved = fh.read()
-            if moved != holder.raw:
-                # We moved a lock another run took over a moment ago: put it back (a third run may hold it now).
-                try:
-                    os.link(aside, path)
-                except FileExistsError:
-                    log.warning("commit lock %s: a fresh lock was displaced during a stale takeover", uri)
-        finally:
-            os.unlink(aside)
-        return
-    fs = filesystem(uri, storage_options)
-    if _is_s3(uri):
-        if holder.etag is None:
-            return
-        bucket, key, _ = fs.split_path(path)
-        try:
-            retry_transient(lambda: fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=holder.etag), "unlock")
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            if err.errno != errno.EINVAL:  # 412: someone replaced it since we read it; leave theirs alone
-                raise
-        fs.invalidate_cache(path)
-        return
-    log.warning("commit lock %s: this store has no conditional delete; removing the stale lock unconditionally", uri)
-    with suppress(FileNotFoundError):
-        fs.rm(path)
-
-
-def acquire_commit_lock(
-    layout: Layout,
-    run_id: str,
-    *,
-    wait_s: float = LOCK_WAIT_S,
-    stale_s: float = LOCK_STALE_S,
-    poll_s: float = 0.25,
-) -> CommitLock:
-    """Take the output's commit lock, waiting while another run commits and taking over a stale (dead) one."""
-    uri = layout.commit_lock()
-    token = uuid.uuid4().hex
-    now = datetime.now(UTC)
-    body = {
-        "token": token,
-        "run_id": run_id,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "acquired_at": now.isoformat(timespec="seconds"),
-        "acquired_ts": now.timestamp(),
-    }
-    data = json.dumps(body, sort_keys=True).encode()
-    lock = CommitLock(uri=uri, token=token, run_id=run_id, storage_options=layout.storage_options)
-    deadline = time.monotonic() + wait_s
-    waiting_for = None
-    while True:
-        if create_exclusive(uri, data, layout.storage_options):
-            break
-        holder = _read_lock(uri, layout.storage_options)
-        if holder is None:
-            continue  # released between our attempt and our look: try again at once
-        if holder.body.get("token") == token:
-            break  # our create landed, but its answer was lost (and the retry found the object)
-        reason = _stale_reason(holder, stale_s)
-        owner = holder.body.get("run_id", "?")
-        if reason is not None:
-            log.warning("run %s: taking over the commit lock of run %s: %s", run_id, owner, reason)
-            _break_lock(uri, holder, layout.storage_options)
-            continue
-        if time.monotonic() >= deadline:
-            raise CommitLockTimeout(
-                f"run {run_id}: the commit lock {uri} is held by run {owner} (pid {holder.body.get('pid')} on "
-                f"{holder.body.get('host')}, since {holder.body.get('acquired_at')}); gave up after {wait_s:g} s. "
-                f"Rerun later with the same run id (nothing is lost), or delete the lock if that run is dead."
-            )
-        if waiting_for != owner:
-            log.info("run %s: waiting for run %s to finish committing to %s", run_id, owner, layout.output)
-            waiting_for = owner
-        time.sleep(min(poll_s * (1 + random.random()), max(0.0, deadline - time.monotonic())))
-        poll_s = min(poll_s * 1.5, 5.0)
-    if _is_s3(uri):
-        lock.etag = _lock_etag(uri, layout.storage_options)
-    log.debug("run %s: holds the commit lock %s", run_id, uri)
-    return lock
-
-
-def release_commit_lock(lock: CommitLock) -> None:
-    """Remove our lock; leave it alone (with a warning) if another run took it over meanwhile."""
-    holder = _read_lock(lock.uri, lock.storage_options)
-    if holder is None or holder.body.get("token") != lock.token:
-        log.warning("run %s: the commit lock %s was taken over by another run before release", lock.run_id, lock.uri)
-        return
-    if _is_s3(lock.uri):
-        holder.etag = lock.etag or holder.etag
-    if is_local(lock.uri):
-        with suppress(FileNotFoundError):
-            os.unlink(strip(lock.uri))
-        return
-    _break_lock(lock.uri, holder, lock.storage_options)
-
-
-@contextmanager
-def commit_lock(layout: Layout, run_id: str, **kwargs: Any) -> Iterator[CommitLock]:
-    """``with commit_lock(layout, run_id) as lock:`` one commit to this output at a time."""
-    lock = acquire_commit_lock(layout, run_id, **kwargs)
-    try:
-        yield lock
-    finally:
-        try:
-            release_commit_lock(lock)
-        except Exception as err:  # noqa: BLE001 - never mask the commit's own outcome; a stale lock is taken over
-            log.warning("run %s: could not release the commit lock %s: %s", run_id, lock.uri, err)
+    return bool(retry_transient(lambda: fs.exists(path), f"stat {path}"))

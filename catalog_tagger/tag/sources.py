@@ -9,25 +9,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from catalog_tagger.decode import IMAGE_EXTENSIONS
 from catalog_tagger.errors import UserError
-from catalog_tagger.storage import filesystem, is_local, is_transient, protocol_of, redact, strip, unstrip, within_root
+from catalog_tagger.schema import LISTING_SCHEMA
+from catalog_tagger.storage import (
+    filesystem,
+    is_local,
+    is_transient,
+    protocol_of,
+    read_uri_table,
+    redact,
+    strip,
+    unstrip,
+    within_root,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
-LISTING_SCHEMA = pa.schema(
-    [
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("size", pa.int64()),
-        pa.field("etag", pa.string()),
-        pa.field("mtime", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 @dataclass
@@ -109,20 +109,6 @@ def list_prefix(source: str, storage_options: dict[str, Any] | None = None) -> L
     return listing
 
 
-def _read_manifest_table(source: str, storage_options: dict[str, Any] | None) -> pa.Table:
-    fs = filesystem(source, storage_options)
-    path = strip(source)
-    try:
-        with fs.open(path, "rb") as fh:
-            if source.lower().endswith(".csv"):
-                return pacsv.read_csv(fh)
-            return pq.read_table(fh)
-    except FileNotFoundError:
-        raise UserError(f"manifest {source!r} not found") from None
-    except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"manifest {source!r} cannot be read: {err}") from None
-
-
 def resolve_uri(uri: str, base: str) -> str:
     """Manifest URIs may be absolute (any scheme) or relative to the manifest's folder."""
     if "://" in uri:
@@ -138,7 +124,7 @@ def resolve_uri(uri: str, base: str) -> str:
 
 def read_manifest(source: str, storage_options: dict[str, Any] | None = None) -> Listing:
     """A CSV/Parquet table with a ``uri`` column; optional ``size``/``etag``/``mtime`` are kept."""
-    raw = _read_manifest_table(source, storage_options)
+    raw = read_uri_table(source, storage_options, what="manifest")
     if "uri" not in raw.column_names:
         raise UserError(f"manifest {source!r} has no 'uri' column (columns: {', '.join(raw.column_names)})")
     uris = raw.column("uri").to_pylist()
@@ -203,7 +189,3 @@ def refuse_outside_root(listing: Listing, source: str, root: str, *, show: int =
         f"{redact(source)}: {len(bad)} image uri(s) outside the allowed root {root!r} (absolute paths elsewhere, "
         f"'..', symlinks leading out, or another scheme): {shown}. Nothing was tagged: fix the manifest or the root"
     )
-
-
-def filter_uris(table: pa.Table, keep: pa.Array) -> pa.Table:
-    return table.filter(pc.is_in(table.column("uri"), value_set=keep))

@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import load as st_load
 
 from catalog_tagger.config import TaskConfig, parse_tasks
-from catalog_tagger.model.inference import to_device
-from catalog_tagger.model.multihead import MultiHeadModel, build_model
+from catalog_tagger.model.multihead import MultiHeadModel
 from catalog_tagger.model.weights import state_bytes
-from catalog_tagger.train.loop import Dist, FitResult, Split, TrainConfig, TrainData, fit
+from catalog_tagger.train.config import TrainConfig
+from catalog_tagger.train.data import TrainData
+from catalog_tagger.train.loop import Dist, FitResult, fit, new_model
+from catalog_tagger.train.split import Split
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,14 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     tasks = parse_tasks(config["tasks"], source="train config")
     ctx = ray.train.get_context()
     dist = Dist(rank=ctx.get_world_rank(), world=ctx.get_world_size())
-    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    resources = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]  # Ray: no hints
+    cpus = int(resources.get("CPU", 1)) or 1
     torch.set_num_threads(cfg.threads or cpus)
     images = ray.get(config["images"][0])  # wrapped in a list so Ray hands us the ref, not a copy per call
     data = TrainData(images=images, targets=config["targets"])
     split: Split = config["split"]
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(backbone=cfg.backbone, tasks=tasks, weights=cfg.weights, dropout=cfg.dropout)
-    to_device(model, device)
+    model = new_model(cfg, tasks, device)  # same init on every rank (DDP also broadcasts rank 0's weights)
     net = ray.train.torch.prepare_model(model, move_to_device=False)
 
     def report(row: dict[str, Any]) -> None:
@@ -69,7 +70,7 @@ def fit_on_ray(cfg: TrainConfig, tasks: TaskConfig, data: TrainData, split: Spli
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False)
         started = True
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]  # Ray: no hints
         use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.workers)
         if cfg.device == "cuda" and gpus < cfg.workers:
             log.warning("Ray cluster has %d GPU(s) for %d workers: workers will wait for GPUs", gpus, cfg.workers)
@@ -81,7 +82,7 @@ def fit_on_ray(cfg: TrainConfig, tasks: TaskConfig, data: TrainData, split: Spli
         )
         images_ref = ray.put(data.images)
         trainer = TorchTrainer(
-            _worker_loop,
+            _worker_loop,  # type: ignore[arg-type]  # Ray Train v2 passes rank 0's return value back; its hint says None
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"),
                 "tasks": tasks.to_dict(),
@@ -98,7 +99,7 @@ def fit_on_ray(cfg: TrainConfig, tasks: TaskConfig, data: TrainData, split: Spli
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        value = result.return_value
+        value = getattr(result, "return_value", None)  # Ray Train v2's Result (the default); v1's has none
         if not value:
             raise RuntimeError("Ray Train finished without rank 0's trained weights")
         model = MultiHeadModel(backbone=cfg.backbone, tasks=tasks, dropout=cfg.dropout)

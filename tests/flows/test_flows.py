@@ -12,9 +12,11 @@ import pyarrow.dataset as pads
 import pytest
 
 from catalog_tagger.errors import ConfigError, RayJobFailed, UserError
+from catalog_tagger.storage import is_transient
 from catalog_tagger.tag import job as tag_job
 from flows import nightly
-from flows.nightly import backfill, is_transient, nightly_tagging, savings_table, summary_markdown
+from flows.artifacts import savings_table, summary_markdown
+from flows.nightly import backfill, nightly_tagging
 from flows.params import NightlyParams, TrainParams
 from flows.train import train_model
 
@@ -166,10 +168,11 @@ def _task_runs(flow_run_id) -> list:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_bad_parameters_fail_the_flow_before_any_work(harness, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+@pytest.mark.usefixtures("harness")
+def test_bad_parameters_fail_the_flow_before_any_work(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     touched: list[str] = []
-    monkeypatch.setattr(tag_job, "validate", lambda cfg: touched.append("validate"))
-    monkeypatch.setattr(tag_job, "run", lambda cfg, progress=None: touched.append("run"))
+    monkeypatch.setattr(tag_job, "validate", lambda _cfg: touched.append("validate"))
+    monkeypatch.setattr(tag_job, "run", lambda _cfg, **_kw: touched.append("run"))
     state = nightly_tagging(
         source="", output=str(tmp_path), model="m", batch_size=0, ray_address="ftp://x", return_state=True
     )
@@ -181,7 +184,7 @@ def test_bad_parameters_fail_the_flow_before_any_work(harness, monkeypatch: pyte
 
 
 @pytest.fixture(scope="module")
-def flaky_night(harness, ray_local, catalog) -> dict[str, Any]:
+def flaky_night(harness, ray_local, catalog) -> dict[str, Any]:  # noqa: ARG001 - harness, ray_local: running
     """One nightly run whose library call fails once with a ConnectionError, then runs for real."""
     calls: list[tag_job.TagJobConfig] = []
     real_run = tag_job.run
@@ -228,17 +231,17 @@ def test_artifacts_carry_the_manifest_savings(flaky_night) -> None:
     assert {r["key"]: r["value"] for r in rows} == manifest["savings"]
     summary = _artifact("nightly-summary")
     assert summary.type == "markdown" and result["run_id"] in summary.data
-    if nightly.HAVE_REPORT:
-        assert result["report"] and Path(result["report"]).exists()
-        assert result["report"] in summary.data
+    assert result["report"] and Path(result["report"]).exists()
+    assert result["report"] in summary.data
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_user_error_is_not_retried(harness, catalog, monkeypatch: pytest.MonkeyPatch, no_retry_wait, tmp_path) -> None:
+@pytest.mark.usefixtures("harness", "no_retry_wait")
+def test_user_error_is_not_retried(catalog, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     calls: list[str] = []
 
-    def refuse(cfg, progress=None):
+    def refuse(cfg, **_kw):
         calls.append(cfg.run_id)
         raise UserError("source 's3://nope' does not exist or is not readable")
 
@@ -250,9 +253,10 @@ def test_user_error_is_not_retried(harness, catalog, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_bad_model_is_refused_by_check_inputs_without_retry(harness, monkeypatch, no_retry_wait, tmp_path) -> None:
+@pytest.mark.usefixtures("harness", "no_retry_wait")
+def test_bad_model_is_refused_by_check_inputs_without_retry(monkeypatch, tmp_path) -> None:
     ran: list[str] = []
-    monkeypatch.setattr(tag_job, "run", lambda cfg, progress=None: ran.append("run"))
+    monkeypatch.setattr(tag_job, "run", lambda _cfg, **_kw: ran.append("run"))
     state = nightly_tagging(source=str(tmp_path), output=str(tmp_path / "o"), model=str(tmp_path), return_state=True)
     assert state.is_failed() and ran == []
     [check] = [t for t in _task_runs(state.state_details.flow_run_id) if t.name.startswith("check-inputs")]
@@ -272,7 +276,8 @@ def test_backfill_retags_everything(flaky_night, catalog) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_train_model_flow(harness, catalog, tmp_path) -> None:
+@pytest.mark.usefixtures("harness")
+def test_train_model_flow(catalog, tmp_path) -> None:
     state = train_model(
         tasks=catalog["tasks"],
         labels=catalog["labels"],
@@ -291,7 +296,8 @@ def test_train_model_flow(harness, catalog, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_run_local_demo_runs_two_nights(harness, ray_local, catalog, tmp_path) -> None:
+@pytest.mark.usefixtures("harness", "ray_local")
+def test_run_local_demo_runs_two_nights(catalog, tmp_path) -> None:
     from catalog_tagger.tag.job import RunResult
 
     added: list[bool] = []

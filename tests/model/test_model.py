@@ -97,7 +97,7 @@ def test_artifact_round_trip_identical_outputs(tmp_path):
     assert save_artifact(model, card_for(model, image_size=32), tmp_path / "m3").version != card.version
 
 
-def test_artifact_loads_from_fsspec_url(tmp_path):
+def test_artifact_loads_from_fsspec_url():
     model = build_model(backbone="tiny_cnn", tasks=TASKS).eval()
     save_artifact(model, card_for(model, image_size=32), "memory://models/tiny")
     loaded, card = load_artifact("memory://models/tiny")

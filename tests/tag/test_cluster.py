@@ -143,10 +143,10 @@ class FakeJobsClient:
     def get_job_info(self, sid: str) -> FakeJob:
         return self._job(sid)
 
-    def get_job_logs(self, sid: str) -> str:
+    def get_job_logs(self, sid: str) -> str:  # noqa: ARG002 - JobSubmissionClient's signature
         return self.logs
 
-    async def tail_job_logs(self, sid: str):
+    async def tail_job_logs(self, sid: str):  # noqa: ARG002 - JobSubmissionClient's signature
         for chunk in ("line 1\nli", "ne 2\n"):
             yield chunk
 
@@ -401,8 +401,8 @@ def test_jobs_api_path_runs_on_both_nodes(two_nodes: TwoNodeCluster, small_catal
 @pytest.mark.integration
 def test_jobs_api_user_error_is_not_a_crash(two_nodes: TwoNodeCluster, small_catalog, tmp_path: Path) -> None:
     code = (
-        "import sys\nfrom catalog_tagger.cluster import run_tag\nfrom catalog_tagger.errors import UserError\n"
-        "from catalog_tagger.job import TagJobConfig\n"
+        "import sys\nfrom catalog_tagger.tag.cluster import run_tag\nfrom catalog_tagger.errors import UserError\n"
+        "from catalog_tagger.tag.job import TagJobConfig\n"
         "cfg = TagJobConfig(model=sys.argv[2], source=sys.argv[3], output=sys.argv[4], ray_address=sys.argv[1], "
         "run_id='bad-1')\n"
         "try:\n    run_tag(cfg)\nexcept UserError as err:\n    print('USERERROR', err)\n"

@@ -9,22 +9,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_tagger.synthetic import SynthConfig, generate, write_bad_images
+from catalog_tagger.synthetic.catalog import write_bad_images
 from catalog_tagger.tag import commit as ledger
-from catalog_tagger.tag.job import TagJobConfig, choose_executor, run
+from catalog_tagger.tag.executors import choose_executor
+from catalog_tagger.tag.job import TagJobConfig, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalog")
-    return generate(SynthConfig(out=str(root), images=12, seed=3, min_size=200, max_size=300))
+def kit(catalog_kit):
+    return catalog_kit(images=12, seed=3, min_size=200, max_size=300, name="executor")
 
 
 @pytest.fixture(scope="module")
-def model(catalog, tiny_model_factory):
-    return tiny_model_factory(catalog.tasks_uri)
+def catalog(kit):
+    return kit["synth"]
+
+
+@pytest.fixture(scope="module")
+def model(kit):
+    return kit["model"]
 
 
 def committed_rows(out: str | Path) -> pa.Table:

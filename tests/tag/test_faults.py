@@ -26,8 +26,8 @@ from faultproxy import Burst, DenyWritesAfter, EveryNth, FaultProxy
 from catalog_tagger.config import load_tasks
 from catalog_tagger.errors import CommitLockLost, CommitLockTimeout, OutputWriteError
 from catalog_tagger.storage import filesystem, retry_transient, write_bytes_atomic
-from catalog_tagger.synthetic import SynthConfig, generate
 from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag import lock
 from catalog_tagger.tag.job import TagJobConfig, run
 from catalog_tagger.tag.predictor import ENV_BATCH_DELAY_S, ENV_KILL_AT_BATCH, ENV_KILL_MARKER
 
@@ -37,19 +37,23 @@ N_IMAGES = 24
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalog")
-    return generate(SynthConfig(out=str(root), images=N_IMAGES, seed=11, min_size=300, max_size=400))
+def kit(catalog_kit):
+    return catalog_kit(images=N_IMAGES, seed=11, min_size=300, max_size=400, name="faults")
 
 
 @pytest.fixture(scope="module")
-def images(catalog) -> str:
-    return catalog.out + "/images"
+def catalog(kit):
+    return kit["synth"]
 
 
 @pytest.fixture(scope="module")
-def model(catalog, tiny_model_factory) -> str:
-    return tiny_model_factory(catalog.tasks_uri)
+def images(kit) -> str:
+    return kit["source"]
+
+
+@pytest.fixture(scope="module")
+def model(kit) -> str:
+    return kit["model"]
 
 
 @pytest.fixture(scope="module")
@@ -307,17 +311,17 @@ def test_two_runs_planned_at_once_commit_each_image_once(images, model, clean, c
                          batch_size=8, rows_per_shard=5)  # fmt: skip
     cfg_b = TagJobConfig(model=model, source=_manifest(tmp_path / "b.csv", files[8:]), output=out, run_id="run-b",
                          batch_size=8)  # fmt: skip
-    real_lock = ledger.commit_lock
+    real_lock = lock.commit_lock
     results = {}
 
     @contextmanager
     def b_commits_first(layout, run_id, **kw):
         if run_id == "run-a" and "b" not in results:
             results["b"] = run(cfg_b)  # B starts after A planned and commits before A takes the lock
-        with real_lock(layout, run_id, **kw) as lock:
-            yield lock
+        with real_lock(layout, run_id, **kw) as held:
+            yield held
 
-    monkeypatch.setattr(ledger, "commit_lock", b_commits_first)
+    monkeypatch.setattr(lock, "commit_lock", b_commits_first)
     res_a = run(cfg_a)
     res_b = results["b"]
     assert res_b.ok == 16 and res_b.resumed == 0
@@ -325,7 +329,7 @@ def test_two_runs_planned_at_once_commit_each_image_once(images, model, clean, c
     assert any("run-b" in n for n in res_a.notes)
     assert_same_as_clean(committed_rows(out), clean, catalog.tasks_uri)
     # a third run of the union finds nothing new
-    monkeypatch.setattr(ledger, "commit_lock", real_lock)
+    monkeypatch.setattr(lock, "commit_lock", real_lock)
     assert run(TagJobConfig(model=model, source=images, output=out)).processed == 0
 
 
@@ -334,17 +338,17 @@ def test_run_whose_images_were_all_committed_meanwhile_commits_nothing(images, m
     files = sorted(str(p) for p in Path(images).iterdir())[:4]
     out = tmp_path / "out"
     source = _manifest(tmp_path / "m.csv", files)
-    real_lock = ledger.commit_lock
+    real_lock = lock.commit_lock
     other = {}
 
     @contextmanager
     def other_commits_first(layout, run_id, **kw):
         if run_id == "late" and not other:
             other["res"] = run(TagJobConfig(model=model, source=source, output=str(out), run_id="early"))
-        with real_lock(layout, run_id, **kw) as lock:
-            yield lock
+        with real_lock(layout, run_id, **kw) as held:
+            yield held
 
-    monkeypatch.setattr(ledger, "commit_lock", other_commits_first)
+    monkeypatch.setattr(lock, "commit_lock", other_commits_first)
     late = run(TagJobConfig(model=model, source=source, output=str(out), run_id="late"))
     assert other["res"].ok == 4
     assert late.manifest is None and late.ok == 0
@@ -387,19 +391,19 @@ def test_two_cli_runs_started_at_once_commit_each_image_once(images, model, clea
 # --------------------------------------------------------------------------------------------- the commit lock
 def test_commit_lock_excludes_waits_and_times_out_clearly(tmp_path):
     layout = ledger.Layout(str(tmp_path / "out"))
-    first = ledger.acquire_commit_lock(layout, "first")
+    first = lock.acquire_commit_lock(layout, "first")
     with pytest.raises(CommitLockTimeout, match=r"held by run first .*Rerun later with the same run id"):
-        ledger.acquire_commit_lock(layout, "second", wait_s=0.3)
+        lock.acquire_commit_lock(layout, "second", wait_s=0.3)
     got = {}
 
     def second() -> None:
-        got["lock"] = ledger.acquire_commit_lock(layout, "second", wait_s=30, poll_s=0.02)
+        got["lock"] = lock.acquire_commit_lock(layout, "second", wait_s=30, poll_s=0.02)
 
     t = threading.Thread(target=second)
     t.start()
     time.sleep(0.2)
     assert "lock" not in got, "the second run must wait while the first commits"
-    ledger.release_commit_lock(first)
+    lock.release_commit_lock(first)
     t.join(timeout=10)
     body = json.loads(Path(got["lock"].uri).read_text())
     assert body["run_id"] == "second" and body["pid"] == os.getpid() and body["host"]
@@ -407,7 +411,7 @@ def test_commit_lock_excludes_waits_and_times_out_clearly(tmp_path):
     Path(got["lock"].uri).write_text(json.dumps({"token": "someone-else", "run_id": "thief"}))
     with pytest.raises(CommitLockLost):  # ...and stops publishing if it was taken over meanwhile
         got["lock"].refresh(every_s=0)
-    ledger.release_commit_lock(got["lock"])  # never removes another run's lock
+    lock.release_commit_lock(got["lock"])  # never removes another run's lock
     assert json.loads(Path(got["lock"].uri).read_text())["run_id"] == "thief"
 
 
@@ -421,17 +425,17 @@ def test_stale_commit_lock_is_taken_over(tmp_path):
     lock_path.write_text(
         json.dumps({"token": "t1", "run_id": "crashed", "host": socket.gethostname(), "pid": dead.pid})
     )
-    lock = ledger.acquire_commit_lock(layout, "next", wait_s=1)
-    ledger.release_commit_lock(lock)
+    held = lock.acquire_commit_lock(layout, "next", wait_s=1)
+    lock.release_commit_lock(held)
     # 2. a live owner elsewhere that stopped refreshing its lock: taken over after stale_s
     lock_path.write_text(json.dumps({"token": "t2", "run_id": "hung", "host": "other-host", "pid": 1}))
     old = time.time() - 120
     os.utime(lock_path, (old, old))
     with pytest.raises(CommitLockTimeout):
-        ledger.acquire_commit_lock(layout, "next", wait_s=0.2, stale_s=3600)
-    lock = ledger.acquire_commit_lock(layout, "next", wait_s=1, stale_s=60)
+        lock.acquire_commit_lock(layout, "next", wait_s=0.2, stale_s=3600)
+    held = lock.acquire_commit_lock(layout, "next", wait_s=1, stale_s=60)
     assert json.loads(lock_path.read_text())["run_id"] == "next"
-    ledger.release_commit_lock(lock)
+    lock.release_commit_lock(held)
 
 
 @pytest.mark.integration
@@ -440,16 +444,16 @@ def test_s3_commit_lock_is_a_conditional_put_and_survives_lost_answers(s3_server
     # every lock PUT lands, but its answer is lost: the retry sees 412 and must recognise its own token
     with FaultProxy(s3_server, [Burst("PUT", lambda p: p.endswith("commit.lock"), 1, "reset_after")]) as proxy:
         layout = ledger.Layout(f"s3://{bucket}/out", via(proxy, direct))
-        lock = ledger.acquire_commit_lock(layout, "first", wait_s=5)
+        held = lock.acquire_commit_lock(layout, "first", wait_s=5)
         proxy.rules.clear()
         with pytest.raises(CommitLockTimeout, match="held by run first"):
-            ledger.acquire_commit_lock(layout, "second", wait_s=0.3)
-        lock.refresh(every_s=0)  # a conditional overwrite (If-Match on its ETag): still ours, still releasable
-        ledger.release_commit_lock(lock)
-        second = ledger.acquire_commit_lock(layout, "second", wait_s=1)  # so the release really deleted it
+            lock.acquire_commit_lock(layout, "second", wait_s=0.3)
+        held.refresh(every_s=0)  # a conditional overwrite (If-Match on its ETag): still ours, still releasable
+        lock.release_commit_lock(held)
+        second = lock.acquire_commit_lock(layout, "second", wait_s=1)  # so the release really deleted it
         # a stale lock is deleted only if it is still the one judged stale (conditional delete on its ETag)
         second.etag = '"not-its-etag"'
-        ledger.release_commit_lock(second)
+        lock.release_commit_lock(second)
         fs = filesystem("s3://", direct)
         assert fs.exists(f"{bucket}/out/_locks/commit.lock")
         fs.rm(f"{bucket}/out/_locks/commit.lock")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog_tagger.config import load_tasks
-from catalog_tagger.schema import output_schema
-from catalog_tagger.synthetic import SynthConfig, generate, write_bad_images
+from catalog_tagger.query import RUNS_SCHEMA
+from catalog_tagger.schema import (
+    MANIFEST_VERSION,
+    OUTPUT_SCHEMA_VERSION,
+    RunCounts,
+    RunManifest,
+    RunTimings,
+    output_schema,
+)
+from catalog_tagger.synthetic.catalog import SynthConfig, generate, write_bad_images
 from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.job import TagJobConfig, run
 
@@ -24,15 +33,18 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalog")
-    res = generate(SynthConfig(out=str(root), images=40, seed=7, min_size=300, max_size=420))
-    return res
+def kit(catalog_kit):
+    return catalog_kit(images=40, seed=7, min_size=300, max_size=420, name="job")
 
 
 @pytest.fixture(scope="module")
-def model(catalog, tiny_model_factory):
-    return tiny_model_factory(catalog.tasks_uri)
+def catalog(kit):
+    return kit["synth"]
+
+
+@pytest.fixture(scope="module")
+def model(kit):
+    return kit["model"]
 
 
 def committed_rows(out: str | Path) -> pa.Table:
@@ -99,6 +111,56 @@ def test_golden_output_schema(catalog, model, tmp_path):
     assert [(f.name, str(f.type), f.nullable) for f in schema] == golden
     assert schema.metadata[b"catalog_tagger.schema_version"] == b"1"
     assert output_schema(load_tasks(catalog.tasks_uri), 32).remove_metadata() == schema.remove_metadata()
+
+
+# The run manifest's keys (runs/<run_id>.json): readers, the docs and the `runs` view rely on them.
+GOLDEN_MANIFEST_KEYS = {
+    "run_id": None,
+    "run_date": None,
+    "started_at": None,
+    "finished_at": None,
+    "model": None,
+    "model_version": None,
+    "source": None,
+    "schema_version": None,
+    "incremental": None,
+    "tasks": None,
+    "counts": {
+        "listed", "to_tag", "unchanged", "rows", "ok", "error", "skipped_non_image", "duplicate_uris",
+        "retried_duplicates_dropped", "resumed", "committed_meanwhile_dropped",
+    },
+    "timings": {"wall_s", "list_s", "pipeline_s", "accel_s", "decode_cpu_s", "images_per_s"},
+    "resources": {"executor", "actors", "num_gpus", "threads"},  # the local executor's plan
+    "savings": {
+        "images", "tasks", "device", "multi_head_accel_s", "single_task_accel_s", "multi_head_accel_hours",
+        "single_task_accel_hours", "accel_hours_saved", "fraction_saved", "price_per_hour", "cost_saved",
+        "decode_cpu_s", "decode_cpu_s_saved", "method",
+    },
+    "notes": None,
+    "files": {"path", "rows", "ok", "error", "bytes"},  # per file
+    "manifest_version": None,
+}  # fmt: skip
+
+
+def test_golden_run_manifest(catalog, model, tmp_path):
+    out = tmp_path / "out"
+    res = run(TagJobConfig(model=model, source=catalog.out + "/images", output=str(out), limit=4, executor="local"))
+    manifest = json.loads((out / "runs" / f"{res.run_id}.json").read_text())
+    assert res.manifest == manifest
+    assert set(manifest) == set(GOLDEN_MANIFEST_KEYS)
+    for key, inner in GOLDEN_MANIFEST_KEYS.items():
+        if inner is None:
+            assert not isinstance(manifest[key], dict | list) or key in ("tasks", "notes"), key
+            continue
+        for value in manifest[key] if key == "files" else [manifest[key]]:
+            assert set(value) == inner, key
+    assert manifest["manifest_version"] == MANIFEST_VERSION and manifest["schema_version"] == OUTPUT_SCHEMA_VERSION
+    assert (manifest["counts"]["resumed"], manifest["counts"]["committed_meanwhile_dropped"]) == (0, 0)
+    # the model and the manifest agree, and every count and timing is a column of the `runs` view
+    assert set(GOLDEN_MANIFEST_KEYS) == {f.name for f in dataclasses.fields(RunManifest)}
+    assert GOLDEN_MANIFEST_KEYS["counts"] == {f.name for f in dataclasses.fields(RunCounts)}
+    assert GOLDEN_MANIFEST_KEYS["timings"] == {f.name for f in dataclasses.fields(RunTimings)}
+    assert GOLDEN_MANIFEST_KEYS["counts"] | GOLDEN_MANIFEST_KEYS["timings"] <= set(RUNS_SCHEMA.names)
 
 
 def test_bad_images_become_rows_and_never_crash(model, tmp_path):
@@ -183,7 +245,7 @@ def test_crash_before_commit_leaves_nothing_visible_and_rerun_resumes(catalog, m
     out = tmp_path / "out"
     cfg = TagJobConfig(model=model, source=catalog.out + "/images", output=str(out), run_id="crashy", rows_per_shard=10)
 
-    def boom(*a, **k):
+    def boom(*_args, **_kwargs):
         raise RuntimeError("simulated crash before commit")
 
     monkeypatch.setattr(ledger, "commit", boom)

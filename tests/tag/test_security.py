@@ -18,27 +18,26 @@ import pytest
 
 from catalog_tagger.errors import ArtifactError, UserError
 from catalog_tagger.storage import filesystem
-from catalog_tagger.synthetic import SynthConfig, generate
 from catalog_tagger.tag.job import TagJobConfig, run
-from catalog_tagger.tag.predictor import DecodeStage, Predictor
+from catalog_tagger.tag.predictor import Predictor
+from catalog_tagger.tag.reader import DecodeStage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalog")
-    return generate(SynthConfig(out=str(root), images=8, seed=5, min_size=300, max_size=400))
+def kit(catalog_kit):
+    return catalog_kit(images=8, seed=5, min_size=300, max_size=400, name="security")
 
 
 @pytest.fixture(scope="module")
-def images(catalog) -> list[str]:
-    return sorted(str(p) for p in Path(catalog.out, "images").iterdir())
+def images(kit) -> list[str]:
+    return sorted(str(p) for p in Path(kit["source"]).iterdir())
 
 
 @pytest.fixture(scope="module")
-def model(catalog, tiny_model_factory) -> str:
-    return tiny_model_factory(catalog.tasks_uri)
+def model(kit) -> str:
+    return kit["model"]
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -80,7 +79,7 @@ def test_full_load_and_tag_never_unpickles(model, images, monkeypatch):
     calls: list[str] = []
 
     def trap(name: str):
-        def refuse(*args, **kwargs):
+        def refuse(*_args, **_kwargs):
             calls.append(name)
             raise AssertionError(f"{name} was called: artifacts must never be unpickled")
 
@@ -185,16 +184,16 @@ def test_credentials_never_reach_logs_manifests_parquet_reports_or_artifacts(
     assert not _leaks("\n".join(r.getMessage() for r in caplog.records)), "credentials in the logs"
     assert not _leaks(json.dumps(dataclasses.asdict(res), default=str)), "credentials in the run result"
     # The Prefect artifacts are built from the run result (the flow module is importable without a server).
-    nightly = pytest.importorskip("flows.nightly")
+    artifacts = pytest.importorskip("flows.artifacts")
     result = {**dataclasses.asdict(res), "images_per_s": res.images_per_s}
-    md = nightly.summary_markdown("nightly", result, report, "local (local)", "2026-01-01")
-    table = nightly.savings_table(res.manifest["savings"])
+    md = artifacts.summary_markdown("nightly", result, report, "local (local)", "2026-01-01")
+    table = artifacts.savings_table(res.manifest["savings"])
     assert not _leaks(md) and not _leaks(json.dumps(table, default=str))
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_cli_with_credentials_in_environment_never_prints_them(model, images, s3_server, tmp_path):
+def test_cli_with_credentials_in_environment_never_prints_them(model, images, s3_server):
     bucket, opts = _make_bucket(s3_server, images[:4])
     creds = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": ENV_SECRET, "AWS_SESSION_TOKEN": ENV_TOKEN}
     env = {**os.environ, **creds, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"}
@@ -273,7 +272,7 @@ def test_manifest_inside_the_allowed_root_runs(model, rooted, tmp_path):
 
 def test_decode_rechecks_the_root_at_read_time(rooted):
     """A symlink swapped after listing is still refused when the bytes are read (an error row, not a read)."""
-    root, outside = rooted
+    root, _outside = rooted
     stage = DecodeStage(image_size=32, allowed_root=str(root))
     uris = [str(root / "imgs" / "escape.jpg"), str(next(p for p in (root / "imgs").iterdir() if not p.is_symlink()))]
     out = stage(pa.table({"uri": uris, "size": [None] * 2, "etag": [None] * 2, "mtime": [None] * 2}))

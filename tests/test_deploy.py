@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 PREFECT_FILES = ["prefect.yaml", "prefect-k8s.yaml"]
 FLOW_NAMES = {
@@ -185,7 +185,7 @@ SECRET_PATTERNS = [
 
 def _scanned_files() -> list[Path]:
     files = [p for p in DEPLOY.rglob("*") if p.is_file()]
-    return files + [ROOT / "docs" / "nightly.md"]
+    return [*files, ROOT / "docs" / "nightly.md"]
 
 
 @pytest.mark.parametrize("path", _scanned_files(), ids=lambda p: str(p.relative_to(ROOT)))

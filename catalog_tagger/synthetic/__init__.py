@@ -1,0 +1,1 @@
+"""Deterministic synthetic product catalog (images + labels + truth) for the demo, tests and benchmarks."""

@@ -1,0 +1,47 @@
+"""TagJobConfig: everything one tagging run needs, validated before any work starts (read by every stage)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR
+
+
+class TagJobConfig(BaseModel):
+    """Everything one tagging run needs. Validated before any work starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # model artifact directory (path or fsspec URL)
+    source: str  # image prefix, or a .csv/.parquet manifest with a `uri` column
+    output: str  # output root (path or fsspec URL)
+    run_id: str | None = None  # default: UTC timestamp + random suffix; reuse an id to resume a crashed run
+    ray_address: str | None = None  # None/"local": in-process Ray; "auto" or "ray://host:10001": connect
+    batch_size: int = Field(default=64, ge=1, le=4096)  # images per model forward pass
+    actors: int | None = Field(default=None, ge=1)  # predictor actors (default: one per GPU, else 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    full: bool = False  # re-tag everything, not only new/changed images
+    limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
+    rows_per_shard: int = Field(default=20_000, ge=1)  # rows per part file = unit of resume
+    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)
+    calibrate: bool = True  # time a single-task model at actor start for the savings report
+    baseline: list[str] = Field(default_factory=list)  # the user's own single-task artifacts to compare against
+    storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
+    decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
+    allowed_root: str | None = None  # if set, every image uri must resolve inside it, else the run is refused
+    # "ray": Ray Data pipeline; "local": the same stages in this process (no Ray); "auto": local for small runs
+    # on the embedded default (no cluster address, no CUDA GPU, at most local_max_images to tag), else ray.
+    executor: Literal["auto", "ray", "local"] = "auto"
+    local_max_images: int = Field(default=2000, ge=0)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_safe(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/\\ =*?[]") or v.startswith((".", "_"))):
+            raise ValueError(
+                f"run_id {v!r} must be non-empty, without '/', '\\\\', '=', '*', '?', '[', ']' or spaces, "
+                "and must not start with '.' or '_'"
+            )
+        return v

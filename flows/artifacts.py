@@ -1,0 +1,90 @@
+"""The flows' Prefect artifacts under stable keys: the savings and summary of a tagging run, a training's metrics.
+
+Keys: ``{kind}-savings`` (table: every savings number, raw, so dashboards can read them back) and
+``{kind}-summary`` (markdown), ``kind`` being ``nightly`` or ``backfill``; ``train-metrics`` and ``train-summary``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from catalog_tagger.render import TRAIN_METRICS, savings_rows
+
+
+def savings_table(savings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the table artifact: every number of the manifest's savings, unformatted."""
+    return [{"metric": label, "key": key, "value": raw} for key, label, _, raw in savings_rows(savings, details=True)]
+
+
+def summary_markdown(kind: str, result: dict[str, Any], report_uri: str | None, path: str, when: str) -> str:
+    """A tagging run in a few lines: counts, where it ran, the savings, the manifest and report, the notes."""
+    m = result["manifest"]
+    lines = [
+        f"# {kind.capitalize()} tagging {when}: run `{result['run_id']}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| images listed | {result['listed']:,} |",
+        f"| unchanged (skipped) | {result['unchanged']:,} |",
+        f"| tagged ok | {result['ok']:,} |",
+        f"| errors | {result['error']:,} |",
+        f"| wall time | {result['wall_s']:.1f} s |",
+        f"| Ray | {path} |",
+    ]
+    if m is not None:
+        lines += ["", "## Accelerator-hours saved: one multi-head model vs one model per task", ""]
+        lines += ["| | |", "|---|---|"]
+        lines += [f"| {label} | {shown} |" for _, label, shown, _ in savings_rows(m["savings"])]
+        manifest_uri = f"{result['output']}/runs/{result['run_id']}.json"
+        lines += ["", f"Model version `{m['model_version']}`; manifest `{manifest_uri}`."]
+    else:
+        lines += ["", "Nothing was committed: no new or changed images."]
+    if report_uri:
+        lines += ["", f"HTML report: `{report_uri}`"]
+    if result["notes"]:
+        lines += ["", "Notes:", *[f"- {n}" for n in result["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def publish_run(kind: str, result: dict[str, Any], report_uri: str | None, path: str, when: str) -> None:
+    """``{kind}-savings`` (only when the run committed) and ``{kind}-summary``."""
+    if result["manifest"] is not None:
+        create_table_artifact(
+            key=f"{kind}-savings",
+            table=savings_table(result["manifest"]["savings"]),
+            description=f"Savings of run {result['run_id']} ({when}): one multi-head model vs one model per task",
+        )
+    create_markdown_artifact(
+        key=f"{kind}-summary",
+        markdown=summary_markdown(kind, result, report_uri, path, when),
+        description=f"Summary of {kind} tagging run {result['run_id']}",
+    )
+
+
+def metrics_table(metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, headline metric) of a trained model's test metrics."""
+    return [
+        {"task": name, "metric": k, "value": m[k]}
+        for name, m in metrics.items()
+        for k in TRAIN_METRICS
+        if m.get(k) is not None
+    ]
+
+
+def publish_training(result: dict[str, Any]) -> None:
+    """``train-metrics`` (test metrics) and ``train-summary`` (what was trained, on how much, how fast)."""
+    create_table_artifact(
+        key="train-metrics", table=metrics_table(result["metrics"]), description=f"Test metrics of {result['out']}"
+    )
+    md = [
+        f"# Trained `{result['out']}` (version `{result['model_version']}`)",
+        "",
+        f"{result['images_used']:,} images ({result['skipped']} skipped), best epoch {result['best_epoch']}/"
+        f"{result['epochs_run']}, {result['seconds']:.0f} s.",
+    ]
+    if result["comparison"]:
+        c = result["comparison"]
+        md.append(f"Measured multi-head vs {c['n_tasks']} single-task models: cost ratio {c['cost_ratio']:.2f}x.")
+    create_markdown_artifact(key="train-summary", markdown="\n".join(md) + "\n")
