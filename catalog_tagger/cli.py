@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
-from catalog_tagger.errors import UserError
+from catalog_tagger.errors import Terminated, UserError
 
 app = typer.Typer(
     name="catalog-tagger",
@@ -22,14 +27,38 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags without typer's "<bool>" type column
+    context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns
 )
 console = Console(stderr=True)
 out_console = Console()
 M = TypeVar("M")
 
+# Exit codes (README "Exit codes"): 0 done, 1 a bug (traceback), 2 bad input or usage (one line), and:
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the store, network or cluster failed; rerunning later may succeed (one line)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): the run id and the command that resumes it are printed
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): likewise
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            shown = version("catalog-tagger")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            shown = "unknown (not installed)"
+        sys.stdout.write(f"catalog-tagger {shown}\n")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    _version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -142,7 +171,27 @@ def tag(
         str | None, typer.Option("--allowed-root", help="Refuse the run if any image uri resolves outside this folder.")
     ] = None,
     rows_per_shard: Annotated[
-        int | None, typer.Option("--rows-per-shard", min=1, hidden=True, help="Rows per part file (unit of resume).")
+        int | None, typer.Option("--rows-per-shard", min=1, help="Rows per part file at most (a unit of resume).")
+    ] = None,
+    shard_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--shard-seconds",
+            help="Also stage a part file at least every N seconds (default 60): the most an interrupt loses.",
+        ),
+    ] = None,
+    max_image_bytes: Annotated[
+        int | None, typer.Option("--max-image-bytes", min=1, help="Larger images are error rows (default 64 MiB).")
+    ] = None,
+    read_timeout_s: Annotated[
+        float | None, typer.Option("--read-timeout-s", min=0.001, help="HTTP(S) connect/read timeout (default 30).")
+    ] = None,
+    read_deadline_s: Annotated[
+        float | None,
+        typer.Option("--read-deadline-s", min=0.001, help="Seconds one image's read may take, retries too (120)."),
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None, typer.Option("--max-image-pixels", min=1, help="Larger images are error rows (default 89.5 M).")
     ] = None,
     executor: Annotated[
         str, typer.Option("--executor", help="auto (default: in-process for small local runs) | ray | local")
@@ -154,18 +203,54 @@ def tag(
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from catalog_tagger.render import render_run_summary, tag_progress
-    from catalog_tagger.tag.job import TagJobConfig, run
+    from catalog_tagger.tag.job import TagJobConfig, new_run_id, run
 
     given: dict[str, Any] = dict(
         model=model, source=source, output=output, run_id=run_id, ray_address=ray_address, batch_size=batch_size,
         actors=actors, device=device, full=full, limit=limit, executor=executor, price_per_hour=price_per_hour,
-        allowed_root=allowed_root, rows_per_shard=rows_per_shard, baseline=list(baseline) if baseline else None,
+        allowed_root=allowed_root, rows_per_shard=rows_per_shard, shard_seconds=shard_seconds,
+        max_image_bytes=max_image_bytes, read_timeout_s=read_timeout_s, read_deadline_s=read_deadline_s,
+        max_image_pixels=max_image_pixels,
+        baseline=list(baseline) if baseline else None,
     )  # fmt: skip
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
+    params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume
     cfg = _validated(TagJobConfig, params)
-    with tag_progress(console) as progress:
+    with _resumable_on_interrupt(cfg.run_id or ""), tag_progress(console) as progress:
         result = run(cfg, progress=progress)
     render_run_summary(result, out_console)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - a signal handler
+    raise Terminated()
+
+
+@contextmanager
+def _resumable_on_interrupt(run_id: str) -> Iterator[None]:
+    """Ctrl-C, or SIGTERM (raised as ``Terminated`` meanwhile), stops the run (the library shuts down the Ray it
+    started) and prints its id and the command that resumes it; exit 130 (143 for SIGTERM)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        console.print(f"interrupted: run {run_id} did not finish; what it staged is kept. Resume it with:",
+                      soft_wrap=True, markup=False, highlight=False)  # fmt: skip
+        console.print(_resume_command(run_id), soft_wrap=True, markup=False, highlight=False)
+        raise typer.Exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_command(run_id: str) -> str:
+    """This command line with ``--run-id`` (added when missing), credentials in URLs redacted."""
+    from catalog_tagger.storage import redact
+
+    args = sys.argv[1:]
+    if not any(a == "--run-id" or a.startswith("--run-id=") for a in args):
+        args = [*args, "--run-id", run_id]
+    return shlex.join(["catalog-tagger", *(redact(a) for a in args)])
 
 
 def _validated(model_cls: Callable[..., M], params: dict[str, Any]) -> M:
@@ -234,8 +319,17 @@ def query(
     output: Annotated[str, typer.Option("--output", help="Output root (path or fsspec URL).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json (JSON Lines) | parquet")] = "table",
     out: Annotated[str | None, typer.Option("--out", help="Write the result to FILE (path or URL).")] = None,
+    unsafe_sql: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-sql", help="Unrestricted DuckDB: SQL may read any file and write files (only SQL you wrote)."
+        ),
+    ] = False,
 ) -> None:
-    """Query the committed predictions with SQL (see docs/queries.md for ready-made queries)."""
+    """Query the committed predictions with SQL (see docs/queries.md for ready-made queries).
+
+    The SQL reads the views and nothing else: no other file is read or written unless --unsafe-sql.
+    """
     from catalog_tagger import query as q
     from catalog_tagger.render import render_query_result
     from catalog_tagger.storage import write_bytes_atomic
@@ -246,7 +340,7 @@ def query(
         raise UserError("--format parquet needs --out FILE")
     if fmt == "table" and out is not None:
         raise UserError("--format table prints to the terminal; use --format csv, json or parquet with --out")
-    table = q.query(output, sql)
+    table = q.query(output, sql, unsafe_sql=unsafe_sql)
     if fmt == "table":
         render_query_result(table, out_console, console)
         return
@@ -309,10 +403,8 @@ def demo(
     run_demo(out, images=images, console=console)
 
 
-# Recent typer vendors click (typer._click, its exceptions derive from typer.TyperException); older typer raises
-# click's own. Both families are caught, so that a usage error never ends in a traceback.
-_CLICK_ERRORS = (click.exceptions.ClickException, getattr(typer, "TyperException", click.exceptions.ClickException))
-_ABORTS = (click.exceptions.Abort, typer.Abort)
+# typer 0.29 (pinned in pyproject) vendors click: its usage errors are typer.TyperException subclasses with show()
+# and exit_code 2, never click's own classes (so click's are not caught: a main() that did missed them all).
 
 
 def main() -> None:
@@ -320,14 +412,25 @@ def main() -> None:
     try:
         rv = app(standalone_mode=False)
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True, markup=True, highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, markup=True, highlight=False)
         sys.exit(2)
-    except _CLICK_ERRORS as err:  # usage errors (bad or missing option): click's message, exit 2
-        err.show()
+    except typer.TyperException as err:  # usage errors (bad, missing or unknown option or command): usage, exit 2
+        show = getattr(err, "show", None)
+        show() if show is not None else console.print(f"error: {err.format_message()}", markup=False)
         sys.exit(err.exit_code)
-    except _ABORTS:
+    except typer.Abort:
         console.print("aborted")
         sys.exit(130)
+    except Exception as err:  # a store, network or cluster failure worth a later retry: one line, exit 75
+        from catalog_tagger.storage import is_transient
+
+        if not is_transient(err):
+            raise  # a bug: the traceback is the useful output
+        logging.getLogger(__name__).debug("transient failure", exc_info=err)  # the traceback, with -v
+        message = escape(" ".join(f"{type(err).__name__}: {err}".split()))
+        hint = "a transient failure: check the endpoint or the network, then rerun"
+        console.print(f"[bold red]error:[/] {message} ({hint})", soft_wrap=True, highlight=False)
+        sys.exit(EXIT_TRANSIENT)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

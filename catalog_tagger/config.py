@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import keyword
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ RESERVED_COLUMNS = frozenset(
     }
 )
 _COLUMN_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# A tasks file is a few kilobytes; the bound keeps a wrong path (a dataset, /dev/zero) from filling memory.
+MAX_TASKS_FILE_BYTES = 1 << 20
 
 
 class TaskSpec(BaseModel):
@@ -48,8 +51,8 @@ class TaskSpec(BaseModel):
     name: str  # column name in the output: lowercase letters, digits, underscores
     kind: TaskKind  # multiclass: softmax, one label; multilabel: sigmoid, any subset of labels
     labels: tuple[str, ...]  # label strings, in head-output order
-    weight: float = Field(default=1.0, gt=0)  # loss weight in the joint training objective
-    threshold: float | None = None  # multilabel only: default decision threshold, in (0, 1)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # loss weight in the joint training objective
+    threshold: float | None = Field(default=None, allow_inf_nan=False)  # multilabel only: in (0, 1)
 
     @field_validator("name")
     @classmethod
@@ -168,17 +171,36 @@ def parse_tasks(data: Any, *, source: str = "<tasks>") -> TaskConfig:
         raise ConfigError(_format_validation_error(err, data, _Where(source))) from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_tasks(uri: str | Path) -> TaskConfig:
-    """Read and validate ``tasks.yaml`` from a local path or any fsspec URL."""
+    """Read and validate ``tasks.yaml`` from a local path or any fsspec URL (UTF-8, at most 1 MiB)."""
     uri = str(uri)
     name = Path(uri).name if "://" not in uri else uri
+    if "://" not in uri and os.path.exists(uri) and not os.path.isfile(uri):
+        raise ConfigError(f"{uri}: not a regular file (a folder, FIFO or device); give the tasks.yaml file")
     try:
-        with fsspec.open(uri, "r", encoding="utf-8") as fh:
-            text = fh.read()
+        with fsspec.open(uri, "rb") as fh:
+            raw = fh.read(MAX_TASKS_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{uri}: task config not found") from None
+    if len(raw) > MAX_TASKS_FILE_BYTES:
+        raise ConfigError(f"{name}: larger than {MAX_TASKS_FILE_BYTES // 1024} KiB; is this the tasks file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{name}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the file as UTF-8"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{name}: not valid YAML: {err}") from None
+        raise ConfigError(f"{name}: not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{name}: not a tasks file: YAML nested too deeply") from None
     return parse_tasks(data, source=name)

@@ -19,8 +19,17 @@ class ArtifactError(UserError):
     """A model artifact is missing, incomplete, or in a refused format (pickle)."""
 
 
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite (a learning rate or task weight too large): no artifact is written."""
+
+
 class DecodeError(CatalogTaggerError):
     """One image could not be decoded; becomes an error row, never a crash."""
+
+
+class ReadRefused(CatalogTaggerError):
+    """One object is not read: not a regular file, over the size cap, or past its deadline. An error row, never
+    retried (the same read would be refused again)."""
 
 
 class OutputWriteError(UserError):
@@ -37,6 +46,10 @@ class CommitLockTimeout(CatalogTaggerError, TimeoutError):
 
 class CommitLockLost(CatalogTaggerError):
     """Our commit lock was taken over (we were presumed dead): stop publishing; a rerun finishes the commit."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI's handler so that a run stops like on Ctrl-C (Ray shut down, resume printed)."""
 
 
 class RayJobFailed(CatalogTaggerError, RuntimeError):

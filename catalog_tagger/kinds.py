@@ -74,6 +74,10 @@ class Kind:
         """A short human summary of ``metrics``' result for logs."""
         return ", ".join(f"{k} {format_metric(m.get(k))}" for k in self.headline) + f" (n={m.get('n', 0)})"
 
+    def empty_rows(self, y: np.ndarray) -> int | None:  # noqa: ARG002 - a kind without "no labels" rows
+        """Labelled rows that carry none of the labels (a multilabel "no labels" row); None for a kind without."""
+        return None
+
     @staticmethod
     def labelled(y: np.ndarray) -> np.ndarray:
         """Rows that carry a label (targets use -1 for missing)."""
@@ -218,6 +222,10 @@ class Multilabel(Kind):
                 else:
                     unknown[(task.name, label)] += 1
         return y
+
+    @override
+    def empty_rows(self, y: np.ndarray) -> int | None:
+        return int((y[self.labelled(y)] <= 0).all(axis=1).sum())
 
     @override
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

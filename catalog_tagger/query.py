@@ -204,6 +204,38 @@ def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckd
     return open_catalog(output, storage_options).con
 
 
+# What ``query`` runs once locked: reads, and objects in the connection's memory. Not COPY, EXPORT, ATTACH or
+# LOAD/INSTALL: DuckDB lets an allowed path be written as well as read.
+_LOCKED_STATEMENTS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "CALL", "SET", "VARIABLE_SET", "CREATE", "DROP",
+                                "ALTER", "INSERT", "UPDATE", "DELETE", "PREPARE", "EXECUTE", "TRANSACTION",
+                                "MULTI"})  # fmt: skip
+
+
+def lock_down(cat: Catalog) -> None:
+    """Turn DuckDB's external access off (``read_csv('/proc/self/environ')``, ``COPY ... TO``, ``INSTALL`` fail)
+    but for the committed files the views read lazily, and lock the configuration so SQL cannot undo it."""
+    allowed = {f for m in cat.manifests for f in cat.files(m)}
+    if not is_local(cat.layout.output):  # DuckDB names a registered filesystem's files as fsspec's glob does
+        fs = cat.layout.fs()
+        allowed |= {fs.unstrip_protocol(fs._strip_protocol(f)) for f in allowed}
+    cat.con.execute(f"SET allowed_paths = [{', '.join(sql_string(f) for f in sorted(allowed))}]")
+    cat.con.execute("SET enable_external_access = false")
+    cat.con.execute("SET lock_configuration = true")
+
+
+def check_locked_sql(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, before running any, statements that write or load files."""
+    try:
+        refused = sorted({k for st in con.extract_statements(sql) if (k := st.type.name) not in _LOCKED_STATEMENTS})
+    except duckdb.Error as err:
+        raise UserError(f"query failed: {err}") from None
+    if refused:
+        raise UserError(
+            f"query: {', '.join(refused)} statements are refused (they write or load files); use --format/--out to "
+            "save a result, or --unsafe-sql for unrestricted DuckDB (only with SQL you wrote yourself)"
+        )
+
+
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
     """Run ``sql``; DuckDB's own message becomes a ``UserError``. Statements without a result give an empty table."""
     try:
@@ -216,14 +248,22 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None =
 
 
 def query(
-    output: str, sql: str, *, storage_options: dict[str, Any] | None = None, params: list[Any] | None = None
+    output: str,
+    sql: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    params: list[Any] | None = None,
+    unsafe_sql: bool = False,
 ) -> pa.Table:
-    """Run one SQL statement (or several; the last one's result) over ``output``'s views."""
-    con = connect(output, storage_options)
+    """Run SQL (the last statement's result) over ``output``'s views, locked down unless ``unsafe_sql``."""
+    cat = open_catalog(output, storage_options)
     try:
-        return run_sql(con, sql, params)
+        if not unsafe_sql:
+            lock_down(cat)
+            check_locked_sql(cat.con, sql)
+        return run_sql(cat.con, sql, params)
     finally:
-        con.close()
+        cat.con.close()
 
 
 # --------------------------------------------------------------------------------------------- result formats

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from catalog_tagger.kinds import KINDS
@@ -126,6 +126,26 @@ def cell(value: object, width: int = 60) -> Text:
     return Text(shown if len(shown) <= width else shown[: width - 1] + "\u2026")
 
 
+# counts.skipped_by_reason (schema.SKIP_REASONS) as the run summary names them
+SKIP_LABELS = {
+    "unreadable_folder": "sub-folders not readable (skipped)",
+    "fifo": "FIFOs (skipped)",
+    "socket": "sockets (skipped)",
+    "device": "device files (skipped)",
+    "broken_symlink": "broken symlinks (skipped)",
+    "symlink_inside": "symlinks inside (target tagged)",
+    "symlink_outside": "symlinks leading out (not followed)",
+    "other": "other entries that are not files (skipped)",
+}
+
+
+def _skip_rows(counts: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, count) for each kind of entry a listing left out, the ones that happened only."""
+    rows = [("non-image files (skipped)", counts.get("skipped_non_image") or 0)]
+    rows += [(SKIP_LABELS.get(r, r), n) for r, n in (counts.get("skipped_by_reason") or {}).items()]
+    return [(label, f"{n:,}") for label, n in rows if n]
+
+
 def render_run_summary(result: RunResult, console: Console) -> None:
     """A tagging run's counts, throughput and savings, then its notes and where the output went."""
     table = Table(title=f"run {result.run_id}", show_header=False)
@@ -135,9 +155,11 @@ def render_run_summary(result: RunResult, console: Console) -> None:
     table.add_row("unchanged (skipped)", f"{result.unchanged:,}")
     table.add_row("tagged ok", f"{result.ok:,}")
     table.add_row("errors", f"{result.error:,}")
+    m = result.manifest
+    for label, shown in _skip_rows(m.get("counts", {}) if m else {}):
+        table.add_row(label, shown)
     if result.processed:
         table.add_row("throughput", f"{result.images_per_s:.1f} images/s (wall, incl. start-up)")
-    m = result.manifest
     if m and "savings" in m:
         for _, label, shown, _ in savings_rows(m["savings"]):
             table.add_row(label, shown)
@@ -154,7 +176,8 @@ def tag_progress(console: Console) -> Iterator[Callable[[int, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    # Not a terminal (a log file, CI): no bar, and none of the blank line a stopped live display leaves behind.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task_id = bar.add_task("tag", total=None)
         yield lambda done, total: bar.update(task_id, completed=done, total=total)
 
@@ -174,19 +197,21 @@ def render_backbones(console: Console) -> None:
 
 
 def render_predictions(results: Iterable[dict[str, Any]], console: Console) -> None:
-    """One table per image: each task's label(s) and score(s), or the image's error."""
+    """One table per image: each task's label(s) and score(s) (a multilabel task's named, label by label), or the
+    image's error."""
     for r in results:
-        table = Table(title=r["uri"], show_header=True)
+        table = Table(title=Text(r["uri"]), show_header=True)
         table.add_column("task")
         table.add_column("prediction")
         table.add_column("score")
         if r["status"] != "ok":
-            table.add_row("-", f"[red]error[/]: {r['error']}", "")
+            table.add_row("-", Text.assemble(("error", "red"), f": {r['error']}"), "")
         for task, pred in r.get("predictions", {}).items():
             if isinstance(pred["label"], list):
-                table.add_row(task, ", ".join(pred["label"]) or "(none)", " ".join(f"{s:.2f}" for s in pred["scores"]))
+                scores = "  ".join(f"{name} {s:.2f}" for name, s in zip(pred["labels"], pred["scores"], strict=True))
+                table.add_row(task, Text(", ".join(pred["label"]) or "(none)"), Text(scores))
             else:
-                table.add_row(task, pred["label"], f"{pred['score']:.3f}")
+                table.add_row(task, Text(pred["label"]), f"{pred['score']:.3f}")
         console.print(table)
 
 
@@ -225,8 +250,28 @@ def render_training(res: TrainResult, comparison_rows: Iterable[tuple[str, ...]]
     )
 
 
+def _tsv_field(value: object) -> str:
+    """One value of a tab-separated line: nothing for NULL, JSON for lists, tabs and newlines escaped."""
+    if value is None:
+        return ""
+    shown = json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, list | dict) else str(value)
+    return shown.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def print_tsv(console: Console, header: Iterable[str], rows: Iterable[Iterable[object]]) -> None:
+    """Tab-separated values, header first, nothing cut: what a table becomes when stdout is not a terminal (a
+    pipe or a file), where a table would be cut to 80 columns."""
+    for values in (header, *rows):
+        console.file.write("\t".join(_tsv_field(v) for v in values) + "\n")
+    console.file.flush()
+
+
 def render_query_result(table: pa.Table, console: Console, notes: Console) -> None:
-    """A query result as a terminal table, at most ``TABLE_MAX_ROWS`` rows (``notes`` says when cut)."""
+    """A query result as a terminal table, at most ``TABLE_MAX_ROWS`` rows (``notes`` says when cut); piped or
+    redirected, every row as tab-separated values."""
+    if not console.is_terminal:
+        print_tsv(console, table.column_names, (row.values() for row in table.to_pylist()))
+        return
     view = Table(title=f"{table.num_rows:,} row(s)")
     for name in table.column_names:
         view.add_column(name, overflow="fold")
@@ -238,10 +283,15 @@ def render_query_result(table: pa.Table, console: Console, notes: Console) -> No
 
 
 def render_similar(results: list[dict[str, Any]], console: Console) -> None:
-    """Nearest images, most similar first: rank, similarity, uri and each task's label(s)."""
+    """Nearest images, most similar first: rank, similarity, uri and each task's label(s); tab-separated values
+    when stdout is not a terminal."""
     tasks = [c for c in (results[0] if results else {}) if c not in ("uri", "similarity")]
-    view = Table("#", "similarity", "uri", *tasks)
+    if not console.is_terminal:
+        rows = ([i, f"{r['similarity']:.4f}", r["uri"], *(r[t] for t in tasks)] for i, r in enumerate(results, 1))
+        print_tsv(console, ["#", "similarity", "uri", *tasks], rows)
+        return
+    view = Table("#", "similarity", Column("uri", overflow="fold"), *tasks)  # a long uri wraps, never cut
     for i, r in enumerate(results, 1):
         labels = [", ".join(r[t]) if isinstance(r[t], list) else r[t] for t in tasks]
-        view.add_row(str(i), f"{r['similarity']:.4f}", cell(r["uri"], 100), *(cell(v) for v in labels))
+        view.add_row(str(i), f"{r['similarity']:.4f}", Text(r["uri"]), *(cell(v) for v in labels))
     console.print(view)

@@ -6,19 +6,19 @@ import base64
 import io
 import json
 import logging
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from catalog_tagger.decode import to_rgb
+from catalog_tagger.decode import load_rgb
 from catalog_tagger.errors import UserError
+from catalog_tagger.fetch import read_bounded
 from catalog_tagger.kinds import KINDS
 from catalog_tagger.query import Catalog, open_catalog, read_parquet_sql, run_sql, sql_ident, sql_string
 from catalog_tagger.report_html import Card, ReportData, TaskInfo, render_html
 from catalog_tagger.schema import STATUS_ERROR, STATUS_OK
-from catalog_tagger.storage import filesystem, join, protocol_of, read_bytes, strip, write_bytes_atomic
+from catalog_tagger.storage import filesystem, join, protocol_of, strip, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +89,18 @@ def _distribution(cat: Catalog, task: TaskInfo) -> list[tuple[str, int]]:
 def thumbnail(
     uri: str, storage_options: dict[str, Any] | None = None, px: int = THUMB_PX
 ) -> tuple[str, int, int] | None:
-    """A JPEG data URI of the image at ``uri``, longest side ``px``; None when it cannot be read any more."""
-    from PIL import Image, ImageOps
+    """A JPEG data URI of the image at ``uri``, longest side ``px``; None when it cannot be read any more.
+
+    The read and the decode are the tagging run's own bounded ones (``fetch.read_bounded``, ``decode.load_rgb``):
+    a report over huge or hostile images stays within the same per-image memory and time.
+    """
+    from PIL import Image
 
     try:
-        data = read_bytes(uri, storage_options)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
-            if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                img.draft("RGB", (px * 2, px * 2))  # libjpeg DCT scaling: much faster for large photos
-            img = to_rgb(ImageOps.exif_transpose(img))
-            img.thumbnail((px, px), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=80)
+        img, _, _ = load_rgb(read_bounded(uri, storage_options), px * 2)
+        img.thumbnail((px, px), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
     except Exception as err:  # noqa: BLE001 - a vanished or unreadable image must not stop the report
         log.warning("report: no thumbnail for %s: %s", uri, err)
         return None

@@ -12,8 +12,8 @@ from catalog_tagger.kinds import kind_of
 
 # Bump on any change to the columns below, and say what changed in README "Output schema".
 OUTPUT_SCHEMA_VERSION = 1
-# Bump on any change to the run manifest's keys (``RunManifest``).
-MANIFEST_VERSION = 1
+# Bump on any change to the run manifest's keys (``RunManifest``). 2: counts.skipped_by_reason.
+MANIFEST_VERSION = 2
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -88,6 +88,18 @@ def runs_column(arrow: pa.DataType) -> dict[str, pa.DataType]:
 
 
 _COUNT = runs_column(pa.int64())
+# Why an entry under a local prefix was left out (besides files without an image extension, skipped_non_image):
+# it is not a regular file, or it is a sub-folder that could not be listed. Symlinks are never followed.
+SKIP_REASONS = (
+    "unreadable_folder",  # a sub-folder that could not be listed (permission, I/O error): its images are not tagged
+    "fifo",
+    "socket",
+    "device",  # character or block device
+    "broken_symlink",
+    "symlink_inside",  # its target lies inside the prefix: tagged under its own path, once
+    "symlink_outside",  # its target lies outside the prefix: not tagged (list it in a manifest to tag it)
+    "other",  # any other kind of entry
+)
 _SECONDS = runs_column(pa.float64())
 _STRING = runs_column(pa.string())
 
@@ -104,6 +116,8 @@ class RunCounts:
     error: int = field(metadata=_COUNT)
     skipped_non_image: int = field(metadata=_COUNT)  # files under a prefix without an image extension
     duplicate_uris: int = field(metadata=_COUNT)  # repeated uris in a manifest source (each tagged once)
+    # entries under a local prefix that are not regular files (or sub-folders not listed), by SKIP_REASONS
+    skipped_by_reason: dict[str, int] = field(metadata=runs_column(pa.struct([(r, pa.int64()) for r in SKIP_REASONS])))
     retried_duplicates_dropped: int = field(metadata=_COUNT)  # rows a Ray retry delivered twice
     resumed: int = field(metadata=_COUNT)  # staged by an earlier attempt of this run id, not tagged again
     committed_meanwhile_dropped: int = field(metadata=_COUNT)  # committed first by a concurrent run

@@ -11,13 +11,14 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-from catalog_tagger.errors import RayJobFailed, UserError
+from catalog_tagger.errors import RayJobFailed, ReadRefused, UserError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -28,7 +29,9 @@ T = TypeVar("T")
 
 RETRY_ATTEMPTS = 5
 # "This request is wrong", not "the store hiccupped": retrying only delays the failure.
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+_PERMANENT = (
+    FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UserError, ReadRefused
+)  # fmt: skip
 _PERMANENT_ERRNOS = {errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.EROFS, errno.ENOSPC}
 # Transient failures by class name, so that classifying one imports neither Ray nor botocore/aiohttp/urllib3:
 # connection and timeout errors of the HTTP clients, and Ray's head/worker/actor/object losses.
@@ -74,17 +77,59 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> Abstr
 
 
 def strip(uri: str) -> str:
-    """Path as the filesystem wants it (no scheme for s3/gs/memory; absolute path for local)."""
+    """Path as the filesystem wants it (no scheme for s3/gs/memory; absolute, normalised path for local).
+
+    A ``file://`` URL is read as RFC 8089 says: its host must be empty or ``localhost``, and its path is
+    percent-decoded (so the escaped uri of a name that is not UTF-8, see ``local_uri``, reads that very file).
+    A bare path and ``local://`` are taken literally. ``..``, ``.`` and repeated ``/`` are resolved lexically.
+    """
     if is_local(uri):
-        path = uri.removeprefix("file://").removeprefix("local://")
-        return os.path.abspath(path)
+        path = _file_url_path(uri) if uri.startswith("file://") else uri.removeprefix("local://")
+        path = os.path.abspath(path)
+        return "/" + path.lstrip("/") if path.startswith("//") else path  # POSIX keeps a leading '//'; Linux: '/'
     return uri.split("://", 1)[1] if protocol_of(uri) not in ("http", "https") else uri
 
 
+def _file_url_path(uri: str) -> str:
+    """The local path a ``file://`` URL names: ``file:///x`` and ``file://localhost/x`` are both ``/x``."""
+    host, slash, path = uri.removeprefix("file://").partition("/")
+    if host.lower() not in ("", "localhost"):
+        raise UserError(
+            f"{redact(uri)!r} names host {host!r}: a file:// uri must be file:///path or file://localhost/path "
+            "(a file on another machine cannot be read; mount it, or give a bare path)"
+        )
+    path = slash + path
+    return os.fsdecode(unquote_to_bytes(path)) if "%" in path else path
+
+
+def local_uri(path: str) -> str:
+    """The one uri of a local file, as listings and outputs spell it: its absolute, normalised path.
+
+    A name that is not valid UTF-8 (read from the disk as surrogate escapes) cannot be stored as text; its uri is
+    a ``file://`` URL instead, with each such byte and every ``%`` percent-encoded (``file:///d/caf%E9.jpg``):
+    unambiguous, and ``strip`` turns it back into the same bytes.
+    """
+    path = strip(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        escaped = "".join(_escape_char(c) for c in path)
+        return "file://" + escaped
+    return path
+
+
+def _escape_char(c: str) -> str:
+    if c == "%":
+        return "%25"
+    if "\udc80" <= c <= "\udcff":  # surrogateescape: the byte 0x80..0xff
+        return f"%{ord(c) - 0xDC00:02X}"
+    return c
+
+
 def unstrip(proto: str, path: str) -> str:
-    """The inverse of ``strip``: a URI users see in outputs (absolute path for local files)."""
+    """The inverse of ``strip``: a URI users see in outputs (``local_uri`` for local files)."""
     if proto in ("file", "local"):
-        return path
+        return local_uri(path)
     if proto in ("http", "https"):
         return path
     return f"{proto}://{path}"
@@ -152,17 +197,22 @@ def is_storage_error(err: BaseException) -> bool:
     return isinstance(err, OSError) or is_transient(err)
 
 
-def retry_transient(fn: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS, delay: float = 0.2) -> T:
+def retry_transient(
+    fn: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS, delay: float = 0.2, deadline: float | None = None
+) -> T:
     """Call ``fn``, retrying transient store errors with jittered exponential backoff (on top of s3fs/botocore's
     own retries, for faults that outlast them). ``fn`` must be idempotent: a retried PUT may have landed already.
+    With a ``deadline`` (``time.monotonic()``), no retry starts after it: retries never stretch a bounded read.
     """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as err:  # classified below: transient ones are retried
-            if attempt == attempts or not is_transient(err):
+            late = deadline is not None and time.monotonic() + 2 * delay >= deadline
+            if attempt == attempts or late or not is_transient(err):
                 raise
-            log.warning("%s failed (%s: %s), retry %d/%d", what, type(err).__name__, err, attempt, attempts - 1)
+            shown = redact(f"{what} failed ({type(err).__name__}: {err})")  # a url in either may carry a password
+            log.warning("%s, retry %d/%d", shown, attempt, attempts - 1)
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
@@ -253,12 +303,39 @@ def within_root(uri: str, root: str) -> bool:
         return False
 
 
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+# scheme://user:password@ (greedy up to the authority's last '@': a password may hold a raw '@')
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#\s'\"]*)@")
 
 
-def redact(uri: str) -> str:
-    """``uri`` without ``user:password@`` (credentials in a URL must not reach logs or manifests)."""
-    return _USERINFO.sub(r"\1***@", uri)
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@`` (credentials in a URL must
+    not reach logs, manifests or error rows); a uri, or any message that may quote one."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None]:
+    """(``uri`` without ``user:password@``, the userinfo or None). Local paths never carry one."""
+    m = _USERINFO.match(uri)
+    if m is None or is_local(uri):
+        return uri, None
+    return m.group(1) + uri[m.end() :], m.group(2)
+
+
+def origin(uri: str) -> str:
+    """``scheme://host[:port]`` of a uri without userinfo: the unit credentials are given for."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme.lower()}://{rest.split('/', 1)[0].lower()}"
+
+
+def with_userinfo(uri: str, credentials: Mapping[str, str]) -> str:
+    """``uri`` with the userinfo ``credentials`` holds for its origin put back, for the read only."""
+    if not credentials or is_local(uri):
+        return uri
+    userinfo = credentials.get(origin(uri))
+    if userinfo is None:
+        return uri
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{userinfo}@{rest}"
 
 
 def read_uri_table(
@@ -271,6 +348,7 @@ def read_uri_table(
     naming ``what``; transient store errors are retried, then raised as they are (the caller may retry the run).
     """
     import gzip
+    import zlib
 
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -286,17 +364,22 @@ def read_uri_table(
             raise
         raise UserError(f"{what} {shown!r} cannot be read: {err}") from None
     name = uri.lower().split("?", 1)[0]
+    csv = name.endswith((".csv", ".csv.gz", ".tsv"))
     try:
-        if not name.endswith((".csv", ".csv.gz", ".tsv")):
-            return pq.read_table(pa.BufferReader(data))
-        if name.endswith(".gz"):
-            data = gzip.decompress(data)
+        # A copy in Arrow's own memory: Arrow's pool threads may drop the last reference to the buffer while the
+        # interpreter exits (a refused manifest exits at once); freeing a buffer over Python bytes then takes the
+        # GIL, and the thread is killed inside C++: "terminate called without an active exception", exit 134.
+        out = pa.BufferOutputStream()
+        out.write(gzip.decompress(data) if csv and name.endswith(".gz") else data)
+        buf = out.getvalue()
+        if not csv:
+            return pq.read_table(pa.BufferReader(buf))
         parse = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
         convert = pacsv.ConvertOptions()
         if strings:
-            names = pacsv.open_csv(pa.BufferReader(data), parse_options=parse).schema.names
+            names = pacsv.open_csv(pa.BufferReader(buf), parse_options=parse).schema.names
             text = dict.fromkeys(names, pa.string())
             convert = pacsv.ConvertOptions(column_types=text, null_values=[""], strings_can_be_null=True)
-        return pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
-    except (OSError, ValueError) as err:  # pa.ArrowInvalid is a ValueError; a bad gzip stream an OSError
+        return pacsv.read_csv(pa.BufferReader(buf), parse_options=parse, convert_options=convert)
+    except (OSError, ValueError, EOFError, zlib.error) as err:  # ArrowInvalid is a ValueError; bad gzip: the rest
         raise UserError(f"{what} {shown!r} cannot be read ({err}); give a Parquet or CSV file") from None

@@ -5,8 +5,9 @@
 #   deploy/local.sh                 # server on 127.0.0.1:4200 (reused if one already answers there)
 #   deploy/local.sh --deploy-only   # pool + deployments against the server at PREFECT_API_URL, then exit
 #
-# Environment: CATALOG_TAGGER_PREFECT_PORT (4200), CATALOG_TAGGER_TZ (UTC), CATALOG_TAGGER_SOURCE / _OUTPUT /
-# _MODEL (default parameters of the nightly schedule), PREFECT_HOME (Prefect's database and logs: ~/.prefect).
+# Environment: CATALOG_TAGGER_PREFECT_PORT (4200), PREFECT_HOME (Prefect's database and logs: ~/.prefect), and
+# the CATALOG_TAGGER_* variables `prefect deploy` reads (deploy/prefect.yaml's header: HOME defaults to this
+# checkout, TZ to UTC; the nightly schedule stays paused until SOURCE, OUTPUT and MODEL are all set).
 # Storage credentials: export them (or AWS_PROFILE) here; the worker hands its environment to every flow run.
 set -euo pipefail
 
@@ -23,8 +24,6 @@ DEPLOY_ONLY=0
 export PATH="$VENV_BIN:$PATH"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export RAY_USAGE_STATS_ENABLED=0
-export CATALOG_TAGGER_HOME="${CATALOG_TAGGER_HOME:-$ROOT}"
-export CATALOG_TAGGER_TZ="${CATALOG_TAGGER_TZ:-UTC}"
 if [[ $DEPLOY_ONLY == 0 || -z "${PREFECT_API_URL:-}" ]]; then
     export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 fi
@@ -78,7 +77,7 @@ fi
 
 "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1 || "$PREFECT" work-pool create "$POOL" --type process
 "$PREFECT" --no-prompt deploy --prefect-file deploy/prefect.yaml --all
-say "deployed: nightly-tagging/local (cron 0 2 * * * $CATALOG_TAGGER_TZ), backfill/local, train-model/local"
+say "deployed: nightly-tagging/local (cron 0 2 * * * ${CATALOG_TAGGER_TZ:-UTC}), backfill/local, train-model/local"
 
 if [[ $DEPLOY_ONLY == 1 ]]; then
     exit 0

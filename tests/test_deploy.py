@@ -50,12 +50,15 @@ def test_local_deployments() -> None:
         assert d["enforce_parameter_schema"] is True
     nightly = deps["nightly-tagging/local"]
     [schedule] = nightly["schedules"]
-    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "{{ $CATALOG_TAGGER_TZ }}"
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "{{ settings.timezone }}"
+    assert schedule["active"] == "{{ settings.schedule_active }}"
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert set(nightly["parameters"]) == {"source", "output", "model"}
     assert deps["backfill/local"]["concurrency_limit"]["collision_strategy"] == "CANCEL_NEW"
+    [build] = _yaml("prefect.yaml")["build"]
+    assert build == {"flows.deploy_settings.resolve_settings": {"id": "settings"}}
     [pull] = _yaml("prefect.yaml")["pull"]
-    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $CATALOG_TAGGER_HOME }}"
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ settings.home }}"
 
 
 def test_k8s_deployments_submit_to_the_kuberay_head() -> None:
@@ -89,6 +92,83 @@ def test_entrypoints_load_and_parameters_exist(name: str, monkeypatch: pytest.Mo
         assert set(d.get("parameters", {})) <= set(params), f"{key}: unknown parameters"
 
 
+# --------------------------------------------------------------------------------------------- deploy settings
+@pytest.mark.parametrize("name", PREFECT_FILES)
+def test_every_placeholder_comes_from_the_settings_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `{{ $VAR }}`: Prefect 3.8 stores '' for an unset one, and resolves it again in each flow run's pull step."""
+    from flows.deploy_settings import resolve_settings
+
+    body = (DEPLOY / name).read_text().split("\nname: ", 1)[1]  # below the header, which shows `{{ $NAME }}`
+    used = set(re.findall(r"\{\{\s*([\w.$-]+)\s*\}\}", body))
+    monkeypatch.setenv("CATALOG_TAGGER_WORKER_IMAGE", "img")
+    keys = set(resolve_settings(worker_image=True))
+    assert used and used <= {f"settings.{k}" for k in keys}, used
+
+
+@pytest.fixture
+def deploy_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No CATALOG_TAGGER_* variable set, and `prefect deploy` run from ``tmp_path``."""
+    for var in [v for v in os.environ if v.startswith("CATALOG_TAGGER_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+@pytest.mark.usefixtures("deploy_env")
+def test_settings_defaults_are_explicit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from flows import deploy_settings
+
+    deploy_settings._say.cache_clear()
+    with caplog.at_level("WARNING", logger="flows.deploy_settings"):
+        s = deploy_settings.resolve_settings()
+        deploy_settings.resolve_settings()  # once per deployment: each message is said once
+    unset = {"source": "", "output": "", "model": "", "schedule_active": False}
+    assert s == {"home": str(tmp_path), "timezone": "UTC", **unset}
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert f"CATALOG_TAGGER_HOME is unset: flow runs start in {tmp_path}" in said[0]
+    assert "02:00 UTC" in said[1] and "schedule is created paused" in said[2]
+
+
+def test_settings_from_the_environment(deploy_env: pytest.MonkeyPatch) -> None:
+    from flows.deploy_settings import resolve_settings
+
+    values = {"HOME": str(ROOT), "TZ": "Europe/Berlin", "SOURCE": "s3://b/img", "OUTPUT": "/o", "MODEL": "/m"}
+    for k, v in values.items():
+        deploy_env.setenv(f"CATALOG_TAGGER_{k}", v)
+    assert resolve_settings() == {
+        "home": str(ROOT),
+        "timezone": "Europe/Berlin",
+        "source": "s3://b/img",
+        "output": "/o",
+        "model": "/m",
+        "schedule_active": True,
+    }
+    assert resolve_settings(home="/opt/catalog-tagger")["home"] == "/opt/catalog-tagger"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("CATALOG_TAGGER_TZ", "Europe/Berln", "CATALOG_TAGGER_TZ='Europe/Berln' is not an IANA timezone name"),
+        ("CATALOG_TAGGER_TZ", "utc", "is not an IANA timezone name"),
+        ("CATALOG_TAGGER_HOME", "catalog-tagger", "CATALOG_TAGGER_HOME='catalog-tagger' is relative"),
+        ("CATALOG_TAGGER_WORKER_IMAGE", "", "CATALOG_TAGGER_WORKER_IMAGE is unset"),
+    ],
+)
+def test_settings_refused_in_one_line(
+    deploy_env: pytest.MonkeyPatch, capsys, var: str, value: str, message: str
+) -> None:
+    from flows.deploy_settings import resolve_settings
+
+    deploy_env.setenv(var, value)
+    with pytest.raises(SystemExit) as exc:
+        resolve_settings(worker_image=True)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
 # --------------------------------------------------------------------------------------------- container + KubeRay
 def test_dockerfile_targets() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
@@ -99,9 +179,8 @@ def test_dockerfile_targets() -> None:
     assert "slim" in args["PYTHON_IMAGE"]
     assert text.count("/tmp/wheels/*.whl") == 2  # the package goes into both images
     assert "catalog-tagger-k8s" in text and "CATALOG_TAGGER_HOME=/opt/catalog-tagger" in text
-    assert _yaml("prefect-k8s.yaml")["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == (
-        "/opt/catalog-tagger"
-    )
+    [build] = _yaml("prefect-k8s.yaml")["build"]
+    assert build["flows.deploy_settings.resolve_settings"]["home"] == "/opt/catalog-tagger"
 
 
 def test_raycluster() -> None:
@@ -167,7 +246,6 @@ def test_local_script_and_make_target() -> None:
         "work-pool create",
         "--no-prompt deploy --prefect-file deploy/prefect.yaml --all",
         "worker start --pool",
-        'CATALOG_TAGGER_TZ="${CATALOG_TAGGER_TZ:-UTC}"',
     ):
         assert needle in text, needle
     makefile = (ROOT / "Makefile").read_text()

@@ -13,6 +13,8 @@ from catalog_tagger.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Largest square input a card may ask for: one 1024 px float image is 12 MiB, a batch of 64 is 0.8 GiB already.
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,17 @@ import numpy as np
 import torch
 
 from catalog_tagger.decode import Decoded, decode_image
-from catalog_tagger.errors import DecodeError, UserError
+from catalog_tagger.errors import DecodeError, ReadRefused, UserError
+from catalog_tagger.fetch import read_bounded
 from catalog_tagger.kinds import kind_of
 from catalog_tagger.model.artifact import ModelCard, load_artifact
 from catalog_tagger.model.multihead import ModelOutput, MultiHeadModel
 from catalog_tagger.storage import is_local
 
 log = logging.getLogger(__name__)
+
+# The error of a row whose model output is NaN or infinite (overflow, a bad artifact): never an ``ok`` row.
+NONFINITE_ERROR = "predict: non-finite model output (NaN or inf)"
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -85,6 +89,15 @@ def run_batch(model: MultiHeadModel, images: np.ndarray | torch.Tensor) -> Timed
     return TimedOutput(output=out, seconds=time.perf_counter() - t0)
 
 
+def finite_rows(out: ModelOutput) -> np.ndarray:
+    """Per row: whether the embedding and every head's logits are finite (bool array of the batch's length)."""
+    ok = torch.isfinite(out.embedding).all(dim=1)
+    for logits in out.logits.values():
+        ok &= torch.isfinite(logits).all(dim=1)
+    flags: np.ndarray = ok.cpu().numpy()
+    return flags
+
+
 def output_columns(card: ModelCard, out: ModelOutput) -> dict[str, Any]:
     """Every task's columns (each kind says which) and the embedding."""
     cols: dict[str, Any] = {}
@@ -97,15 +110,16 @@ def output_columns(card: ModelCard, out: ModelOutput) -> dict[str, Any]:
 
 
 def read_image(uri: str, size: int, storage_options: dict[str, Any] | None = None) -> Decoded:
-    """Read and decode one image named on the command line; a missing file is a user error."""
-    import fsspec
-
+    """Read and decode one image named on the command line, with the tagging run's bounds (a regular file, at most
+    64 MiB, a deadline: ``fetch.read_bounded``). A missing file is a user error; a refused read (a FIFO, a device,
+    too large, no answer) is that image's ``DecodeError``, like an image that does not decode."""
     opts = storage_options if "://" in uri and not is_local(uri) else None
     try:
-        with fsspec.open(uri, "rb", **(opts or {})) as fh:
-            data = fh.read()
+        data = read_bounded(uri, opts)
     except FileNotFoundError:
         raise UserError(f"{uri}: no such image") from None
+    except ReadRefused as err:
+        raise DecodeError(f"read: {err}") from None
     return decode_image(data, size)
 
 
@@ -127,9 +141,13 @@ def predict_uris(model_uri: str, uris: list[str], *, device: str = "auto") -> li
         results.append({"uri": uri, "status": "ok", "width": dec.width, "height": dec.height})
         arrays.append(dec.array)
     if arrays:
-        cols = output_columns(card, run_batch(model, np.stack(arrays)).output)
+        out = run_batch(model, np.stack(arrays)).output
+        cols, finite = output_columns(card, out), finite_rows(out)
         tasks = card.task_config().tasks
         for j, i in enumerate(ok_idx):
+            if not finite[j]:
+                results[i] = {"uri": results[i]["uri"], "status": "error", "error": NONFINITE_ERROR}
+                continue
             results[i]["predictions"] = {t.name: kind_of(t).prediction(t, cols, j) for t in tasks}
             results[i]["model_version"] = card.version
     return results

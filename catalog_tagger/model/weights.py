@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 _WHY = "pickle is refused (loading one can run arbitrary code)"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header
 
 
 def is_pickle_name(name: str) -> bool:
@@ -51,6 +53,52 @@ def require_weights(fs: Any, root: str, uri: str) -> str:
         f"{uri}: no {WEIGHTS_FILE}{found}. A model artifact is safetensors weights + {CARD_FILE} "
         "(catalog-tagger train and init-model write that)"
     )
+
+
+def read_shapes(fs: Any, path: str, uri: str) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Every tensor's shape in a safetensors file, and the file's size its header implies, from the header alone.
+
+    Read before the weights themselves: a file for another model (or not safetensors at all) is refused without
+    reading (or holding) more than its header.
+    """
+    bad = f"{uri}: {WEIGHTS_FILE} is not a safetensors file"
+    with fs.open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= MAX_HEADER_BYTES:
+            raise ArtifactError(f"{bad} (no valid header)")
+        try:
+            header = json.loads(fh.read(n))
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in entries.items()}
+            end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+            raise ArtifactError(f"{bad} (unreadable header)") from None
+    return shapes, 8 + n + end
+
+
+def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], uri: str) -> None:
+    """The weights hold exactly the tensors the card's model has, each of its shape."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        raise ArtifactError(
+            f"{uri}: {WEIGHTS_FILE} does not fit the card's model: {len(missing)} tensor(s) missing "
+            f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}"
+        )
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ArtifactError(
+                f"{uri}: {WEIGHTS_FILE} does not fit the card's model: tensor {name!r} is {list(found[name])}, "
+                f"the card's backbone and tasks need {list(shape)}"
+            )
+
+
+def check_finite(state: Mapping[str, torch.Tensor], uri: str) -> None:
+    """Refuse weights holding NaN or inf: every prediction would be NaN, and every row would still say ``ok``."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{uri}: {WEIGHTS_FILE}: tensor {name!r} holds NaN or infinite values")
 
 
 def state_bytes(model: nn.Module) -> bytes:

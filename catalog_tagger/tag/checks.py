@@ -7,7 +7,7 @@ import uuid
 
 from catalog_tagger.errors import ArtifactError, UserError
 from catalog_tagger.model.artifact import check_weights, load_card
-from catalog_tagger.storage import filesystem, is_local, is_transient, redact, retry_transient, strip
+from catalog_tagger.storage import filesystem, is_local, is_transient, protocol_of, redact, retry_transient, strip
 from catalog_tagger.tag.config import TagJobConfig
 
 
@@ -66,14 +66,22 @@ def _check_source_exists(cfg: TagJobConfig) -> None:
         raise UserError(f"source {redact(cfg.source)!r} does not exist or is not readable")
 
 
+# Object stores whose fsspec ``makedirs`` creates a missing bucket: they have no folders to make, and a mistyped
+# bucket name must be refused, not created.
+_BUCKET_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
 def _check_output_writable(cfg: TagJobConfig) -> None:
-    """Write and remove a probe object under ``_staging/`` (where the run writes first)."""
+    """Write and remove a probe object under ``_staging/`` (where the run writes first). A missing bucket is
+    refused by name: a run never creates one."""
     fs = filesystem(cfg.output, cfg.storage_options)
     root = strip(cfg.output)
     probe = f"{root.rstrip('/')}/_staging/.write-probe-{uuid.uuid4().hex}"
+    bucket_store = protocol_of(cfg.output) in _BUCKET_STORES
 
     def write_probe() -> None:
-        fs.makedirs(os.path.dirname(probe), exist_ok=True)
+        if not bucket_store:
+            fs.makedirs(os.path.dirname(probe), exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
 
@@ -82,4 +90,10 @@ def _check_output_writable(cfg: TagJobConfig) -> None:
     except Exception as err:  # any failure here means "cannot write there"
         if is_transient(err):
             raise  # a store hiccup that outlived the retries: retryable by the caller (Prefect), not bad input
+        if bucket_store and isinstance(err, FileNotFoundError):
+            bucket = root.split("/", 1)[0]
+            raise UserError(
+                f"output bucket {bucket!r} does not exist (output {redact(cfg.output)!r}): create it first, or fix "
+                "its name; a run never creates buckets"
+            ) from None
         raise UserError(f"output {redact(cfg.output)!r} is not writable: {type(err).__name__}: {err}") from None

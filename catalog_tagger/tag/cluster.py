@@ -49,6 +49,8 @@ _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|S
 _GCS_ADDRESS = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}")
 # TagJobConfig fields the ``tag`` command cannot express yet; a non-default value is refused, never dropped.
 _NOT_ON_CLI = ("calibrate", "storage_options", "decode_cpus")
+# Per-image read and decode bounds: passed on as ``--max-image-bytes`` etc. when not at their defaults.
+_READ_BOUNDS = ("max_image_bytes", "read_timeout_s", "read_deadline_s", "max_image_pixels")
 
 
 def ray_path(address: str | None) -> RayPath:
@@ -124,6 +126,11 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
         args += ["--executor", cfg.executor]
     if cfg.rows_per_shard != TagJobConfig.model_fields["rows_per_shard"].get_default():
         args += ["--rows-per-shard", str(cfg.rows_per_shard)]
+    if cfg.shard_seconds != TagJobConfig.model_fields["shard_seconds"].get_default():
+        args += ["--shard-seconds", repr(float(cfg.shard_seconds))]
+    for name in _READ_BOUNDS:
+        if getattr(cfg, name) != TagJobConfig.model_fields[name].get_default():
+            args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
     return shlex.join(args)
 
 

@@ -4,6 +4,7 @@ A run stages part files under ``_staging/<run_id>/`` (each with a stats file wri
 stats is not done), then commits holding the output's commit lock (``lock.py``): it records an intent, moves
 the parts into ``predictions/run_date=.../run_id=.../`` and writes ``runs/<run_id>.json`` LAST. Readers only
 see runs whose manifest exists, so a crash at any point leaves nothing half-visible, and a rerun finishes it.
+The staging folder is removed after the lock is released; one a crash left behind is removed by the next run.
 """
 
 from __future__ import annotations
@@ -137,6 +138,19 @@ def committed_run_ids(layout: Layout) -> list[str]:
     return [posixpath.basename(n)[: -len(".json")] for n in _manifest_paths(layout)]
 
 
+def is_committed(layout: Layout, run_id: str) -> bool:
+    """Whether ``run_id`` has a manifest (asked afresh: another process may have committed it a moment ago)."""
+    return _exists_fresh(layout, layout.manifest(run_id))
+
+
+def _exists_fresh(layout: Layout, uri: str) -> bool:
+    """Whether ``uri`` exists, bypassing fsspec's listing cache (another process may have written it since)."""
+    path = strip(uri)
+    fs = layout.fs()
+    fs.invalidate_cache(posixpath.dirname(path))
+    return bool(retry_transient(lambda: fs.exists(path), f"stat {path}"))
+
+
 def committed_files(layout: Layout, *, model_version: str | None = None) -> list[str]:
     """The part files of every committed run (of one model version, if given), as URIs."""
     files: list[str] = []
@@ -229,6 +243,31 @@ def clear_staging(layout: Layout, run_id: str) -> None:
             retry_transient(lambda: fs.rm(root, recursive=True), f"remove {root}")
 
 
+def clear_committed_staging(layout: Layout, run_ids: list[str] | None = None) -> None:
+    """Remove the staging folders of committed runs: ``run_ids``, or every committed run that still has one (a run
+    stopped between its manifest and this cleanup leaves it behind). Only manifests count, so a leftover is
+    harmless but would stay forever; a store error here is logged, never fatal, and the next run tries again."""
+    try:
+        if run_ids is None:
+            run_ids = sorted(set(committed_run_ids(layout)) & set(_staged_run_ids(layout)))
+            if run_ids:
+                log.info("removing the staging folders of committed run(s) %s", ", ".join(run_ids))
+        for run_id in run_ids:
+            clear_staging(layout, run_id)
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        log.warning("could not remove leftover staging folders under %s: %s", redact(layout.output), err)
+
+
+def _staged_run_ids(layout: Layout) -> list[str]:
+    try:
+        names = _ls_fresh(layout.fs(), strip(join(layout.output, STAGING_DIR)))
+    except FileNotFoundError:
+        return []
+    return [posixpath.basename(n.rstrip("/")) for n in names]
+
+
 @contextmanager
 def output_errors(run_id: str, output: str) -> Iterator[None]:
     """Turn a store's final refusal of a write into one clear error saying what was kept and how to resume."""
@@ -281,7 +320,10 @@ def commit(
 
 
 def finish_commit(layout: Layout, run_id: str, *, heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Carry out a recorded commit intent (idempotent: moves already done are skipped), then write the manifest."""
+    """Carry out a recorded commit intent (idempotent: moves already done are skipped), then write the manifest.
+
+    The staging folder is left to ``clear_committed_staging``, called once the commit lock is released.
+    """
     fs = layout.fs()
     intent_uri = layout.staged(run_id, INTENT)
     intent = read_json(intent_uri, layout.storage_options)
@@ -295,7 +337,6 @@ def finish_commit(layout: Layout, run_id: str, *, heartbeat: Callable[[], None] 
         heartbeat()
     manifest: dict[str, Any] = intent["manifest"]
     write_json(layout.manifest(run_id), manifest, layout.storage_options)
-    clear_staging(layout, run_id)
     log.info("committed run %s: %d file(s)", run_id, len(manifest["files"]))
     return manifest
 
@@ -311,7 +352,4 @@ def _move_once(fs: AbstractFileSystem, run_id: str, src_uri: str, dst_uri: str) 
 
 def pending_commit(layout: Layout, run_id: str) -> bool:
     """Whether a commit of ``run_id`` was recorded but not finished (a rerun must finish it)."""
-    path = strip(layout.staged(run_id, INTENT))
-    fs = layout.fs()
-    fs.invalidate_cache(posixpath.dirname(path))
-    return bool(retry_transient(lambda: fs.exists(path), f"stat {path}"))
+    return _exists_fresh(layout, layout.staged(run_id, INTENT))

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog_tagger.accounting import DEFAULT_PRICE_PER_HOUR
+from catalog_tagger.decode import DEFAULT_MAX_PIXELS
+from catalog_tagger.fetch import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_DEADLINE_S, DEFAULT_READ_TIMEOUT_S
 
 
 class TagJobConfig(BaseModel):
@@ -25,12 +27,18 @@ class TagJobConfig(BaseModel):
     full: bool = False  # re-tag everything, not only new/changed images
     limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
     rows_per_shard: int = Field(default=20_000, ge=1)  # rows per part file = unit of resume
+    # ...and a part file at least this often (seconds): bounds what an interrupt loses; small runs resume too
+    shard_seconds: float = Field(default=60.0, gt=0)
     price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)
     calibrate: bool = True  # time a single-task model at actor start for the savings report
     baseline: list[str] = Field(default_factory=list)  # the user's own single-task artifacts to compare against
     storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
     decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
     allowed_root: str | None = None  # if set, every image uri must resolve inside it, else the run is refused
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1)  # a larger image is an error row (streamed)
+    read_timeout_s: float = Field(default=DEFAULT_READ_TIMEOUT_S, gt=0)  # HTTP(S) connect, and silence mid-body
+    read_deadline_s: float = Field(default=DEFAULT_READ_DEADLINE_S, gt=0)  # one image's read, all retries included
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)  # a larger image is an error row, not decoded
     # "ray": Ray Data pipeline; "local": the same stages in this process (no Ray); "auto": local for small runs
     # on the embedded default (no cluster address, no CUDA GPU, at most local_max_images to tag), else ray.
     executor: Literal["auto", "ray", "local"] = "auto"

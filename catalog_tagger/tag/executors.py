@@ -2,7 +2,8 @@
 
 ``choose_executor`` picks one. Both feed the driver's sink batch by batch; the Ray one is at-least-once (the sink
 dedups by uri). Where the driver itself runs (here, connected to a cluster, or submitted as a Ray job) is
-``cluster.py``'s choice; ``init_ray`` starts or joins the Ray this driver uses.
+``cluster.py``'s choice; ``init_ray`` starts or joins the Ray this driver uses. An interrupt (SIGINT, or SIGTERM
+turned into an exception) stops the pipeline, then shuts down a Ray this run started, before it propagates.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,12 +28,15 @@ import numpy as np
 import pyarrow as pa
 
 from catalog_tagger.errors import UserError
+from catalog_tagger.fetch import ReadLimits
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.predictor import FaultInjection, Predictor
 from catalog_tagger.tag.reader import DecodeStage
 from catalog_tagger.tag.sink import Sink
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from ray.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -58,11 +65,19 @@ class Stages:
     run_id: str
     tagged_at: datetime  # every row of the run carries it
     image_size: int  # the model's input size: the decode stage resizes to it
+    credentials: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # sources.Listing's
 
     def decode(self) -> DecodeStage:
         cfg = self.cfg
         return DecodeStage(
-            image_size=self.image_size, storage_options=cfg.storage_options, allowed_root=cfg.allowed_root
+            image_size=self.image_size,
+            storage_options=cfg.storage_options,
+            allowed_root=cfg.allowed_root,
+            credentials=self.credentials,
+            limits=ReadLimits(
+                max_bytes=cfg.max_image_bytes, timeout_s=cfg.read_timeout_s, deadline_s=cfg.read_deadline_s
+            ),
+            max_pixels=cfg.max_image_pixels,
         )
 
     def predictor_kwargs(self, *, device: str, threads: int | None, faults: FaultInjection | None) -> dict[str, Any]:
@@ -92,28 +107,44 @@ def execute(stages: Stages, work: pa.Table, sink: Sink, progress: ProgressFn | N
     if executor == "local":
         resources = local_resources(cfg)
         batches = local_batches(stages, work, threads=resources["threads"])
+        _drain(batches, sink, work.num_rows, stages.run_id, progress)
     else:
-        init_ray(cfg.ray_address)
-        ds, resources = build_dataset(stages, work)
-        batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    _drain(batches, sink, work.num_rows, stages.run_id, progress)
+        started = init_ray(cfg.ray_address)
+        try:
+            ds, resources = build_dataset(stages, work)
+            batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+            _drain(batches, sink, work.num_rows, stages.run_id, progress)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray's SIGTERM handler: stop Ray before exiting
+            if started:
+                shutdown_ray()
+            raise
     sink.flush()
     return resources
 
 
 def _drain(batches: Iterable[pa.Table], sink: Sink, total: int, run_id: str, progress: ProgressFn | None) -> None:
-    """Hand every batch to the sink, reporting progress (and logging the rate now and then)."""
+    """Hand every batch to the sink, reporting progress (and logging the rate now and then).
+
+    The batch iterator is closed on the way out, so that an interrupt stops its producers (Ray Data's executor,
+    the local decode thread) before anything else happens.
+    """
     t0 = last_log = time.perf_counter()
     processed = 0
-    for batch in batches:
-        sink.add(batch)
-        processed += batch.num_rows
-        if progress is not None:
-            progress(min(processed, total), total)
-        if time.perf_counter() - last_log > PROGRESS_LOG_S:
-            rate = processed / (time.perf_counter() - t0)
-            log.info("run %s: %d/%d images (%.1f img/s)", run_id, processed, total, rate)
-            last_log = time.perf_counter()
+    it = iter(batches)
+    try:
+        for batch in it:
+            sink.add(batch)
+            processed += batch.num_rows
+            if progress is not None:
+                progress(min(processed, total), total)
+            if time.perf_counter() - last_log > PROGRESS_LOG_S:
+                rate = processed / (time.perf_counter() - t0)
+                log.info("run %s: %d/%d images (%.1f img/s)", run_id, processed, total, rate)
+                last_log = time.perf_counter()
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 # --------------------------------------------------------------------------------------------- the choice
@@ -205,18 +236,68 @@ def _object_store_bytes() -> int:
     return int(min(OBJECT_STORE_MAX_BYTES, OBJECT_STORE_RAM_FRACTION * ram))
 
 
-def init_ray(address: str | None) -> None:
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Record SIGINT and SIGTERM instead of acting on them during the block (main thread only; elsewhere Python
+    delivers no signals), then put the handlers back. A Ctrl-C inside Ray's start-up or shut-down has ended in a
+    segfault. ``ray.init`` also installs its own SIGTERM handler (``sys.exit``): it is kept only where no handler
+    was set before (a caller's own handler, such as the CLI's, wins)."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - the signal handler signature
+        held.append(signum)
+
+    before = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for sig, handler in before.items():
+            if handler in (signal.SIG_DFL, None) and signal.getsignal(sig) is not hold:
+                continue  # Ray installed one where there was none: keep it
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def init_ray(address: str | None) -> bool:
     """Connect to a cluster, or start the embedded local Ray sized to this machine (reused when running).
 
     ``None`` means ``$RAY_ADDRESS`` when set, else an embedded local Ray started with ``address="local"``: a bare
-    ``ray.init()`` would attach to any cluster a ``ray start`` left on this machine.
+    ``ray.init()`` would attach to any cluster a ``ray start`` left on this machine. Returns whether this call
+    started (or connected) Ray. An interrupt while Ray starts is held until it has started, then Ray is shut down
+    and the interrupt delivered.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = _ray_address(address)
+    with _signals_held() as held:
+        try:
+            _start_ray(_ray_address(address))
+        except SystemExit:  # the SIGTERM handler ray.init installs first thing fired: stop like on a held SIGTERM
+            held.append(signal.SIGTERM)
+    if held:
+        shutdown_ray()
+        signal.raise_signal(held[0])
+    return True
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray this process started or connected, before the interpreter exits (interrupts held: we are
+    stopping already, and a second Ctrl-C must not cut the shutdown short)."""
+    import ray
+
+    log.info("shutting down Ray")
+    with _signals_held():
+        ray.shutdown()
+
+
+def _start_ray(address: str) -> None:
+    """``ray.init`` of the embedded local Ray (``address="local"``) or of a cluster's driver."""
+    import ray
+
     if address == "local":
         ray.init(
             address="local",

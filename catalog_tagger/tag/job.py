@@ -93,17 +93,26 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     card = load_card(cfg.model)
     layout = Layout(cfg.output, cfg.storage_options)
     run_id = cfg.run_id or new_run_id()
+    _clear_leftovers(layout)
     earlier = _committed_earlier(layout, run_id, cfg.output)
     if earlier is not None:
         wall_s = time.perf_counter() - t_start
         return RunResult.from_manifest(earlier, output=cfg.output, wall_s=wall_s, notes=[ALREADY_COMMITTED])
 
     planned = plan_run(cfg, layout, run_id, card.version)
-    sink = Sink(layout, run_id, cfg.rows_per_shard, seen=set(planned.work.resumed_uris), index=planned.next_index)
+    resumed = set(planned.work.resumed_uris)
+    sink = Sink(layout, run_id, cfg.rows_per_shard, cfg.shard_seconds, seen=resumed, index=planned.next_index)
     t_pipe = time.perf_counter()
-    resources = execute(Stages(cfg, run_id, planned.tagged_at, card.image_size), planned.work.table, sink, progress)
+    stages = Stages(cfg, run_id, planned.tagged_at, card.image_size, credentials=planned.listing.credentials)
+    resources = execute(stages, planned.work.table, sink, progress)
     attempt = _Attempt(t_start, time.perf_counter() - t_pipe, sink, resources)
     return _commit(cfg, card, planned, attempt)
+
+
+def _clear_leftovers(layout: Layout) -> None:
+    """What runs stopped after their manifest left behind: their staging folders and a dead commit lock."""
+    commit.clear_committed_staging(layout)
+    lock.clear_stale_lock(layout)
 
 
 def _committed_earlier(layout: Layout, run_id: str, output: str) -> dict[str, Any] | None:
@@ -117,7 +126,10 @@ def _committed_earlier(layout: Layout, run_id: str, output: str) -> dict[str, An
     log.info("run %s: finishing an interrupted commit", run_id)
     with commit.output_errors(run_id, output), lock.commit_lock(layout, run_id) as held:
         manifest = commit.read_json(layout.manifest(run_id), layout.storage_options)
-        return manifest if manifest is not None else commit.finish_commit(layout, run_id, heartbeat=held.refresh)
+        if manifest is None:
+            manifest = commit.finish_commit(layout, run_id, heartbeat=held.refresh)
+    commit.clear_committed_staging(layout, [run_id])
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,7 @@ def _commit(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _Atte
             return _nothing(cfg, planned, attempt, msg)
         manifest = _manifest(cfg, card, planned, attempt, shards, dropped)
         committed = commit.commit(layout, run_id, shards, manifest, heartbeat=held.refresh)
+    commit.clear_committed_staging(layout, [run_id])
     return RunResult.from_manifest(committed, output=cfg.output, wall_s=attempt.wall_s())
 
 
@@ -217,6 +230,7 @@ def _manifest(
         error=err,
         skipped_non_image=listing.skipped_non_image,
         duplicate_uris=listing.duplicates,
+        skipped_by_reason=dict(listing.skipped),
         retried_duplicates_dropped=totals.duplicates,
         resumed=len(work.resumed_uris),
         committed_meanwhile_dropped=dropped,

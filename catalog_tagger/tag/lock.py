@@ -3,7 +3,10 @@
 An exclusively created object (``_locks/commit.lock``) holding its owner's details. A commit waits while another
 run holds it, refreshes it while publishing, and takes over a lock whose owner is gone or stopped refreshing it.
 On S3 the create is a conditional PUT and refresh / takeover are conditional on the lock's ETag, so a run never
-removes a successor's fresh lock.
+removes a successor's fresh lock. A lock is stale (taken over, or removed by the next run's ``clear_stale_lock``) when
+it names no owner (empty or unparseable: its writer died or the disk was full), when its owner's run is committed
+(killed between its manifest and the release), when its owner's process on this host is gone, or when nobody
+refreshed it for ``LOCK_STALE_S``.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from catalog_tagger.errors import CommitLockLost, CommitLockTimeout
@@ -27,11 +32,14 @@ from catalog_tagger.storage import (
     create_exclusive,
     filesystem,
     is_local,
+    is_storage_error,
     protocol_of,
+    redact,
     retry_transient,
     strip,
     write_bytes_atomic,
 )
+from catalog_tagger.tag import commit
 from catalog_tagger.tag.commit import Layout
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,9 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 1800.0  # how long a commit waits for another run's commit on the same output
 LOCK_STALE_S = 900.0  # a lock not refreshed for this long is presumed dead and taken over
 LOCK_REFRESH_S = 60.0  # a long commit refreshes its lock this often, so it never looks stale
+# A local lock is created empty (O_EXCL) and its body written a moment later: one that still names no owner after
+# this long was never finished (disk full, process killed). Object stores PUT the body whole: no grace there.
+LOCK_UNWRITTEN_S = 5.0
 
 
 @dataclass
@@ -143,8 +154,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale_reason(holder: _Holder, stale_s: float) -> str | None:
+def _stale_reason(holder: _Holder, stale_s: float, *, local: bool, committed: Callable[[str], bool]) -> str | None:
+    """Why the lock ``holder`` describes is dead (None: it may be alive). ``committed``: whether a run id has a
+    manifest (a committed run only had its release left to do)."""
     b = holder.body
+    if not b.get("token"):
+        age = time.time() - holder.mtime if holder.mtime is not None else math.inf
+        if not local or age > LOCK_UNWRITTEN_S:
+            return "it names no owner (empty or unreadable: its writer died or the disk was full)"
+        return None
+    owner = b.get("run_id")
+    if isinstance(owner, str) and committed(owner):
+        return f"its run {owner} is committed (it was stopped before releasing the lock)"
     if b.get("host") == socket.gethostname() and isinstance(b.get("pid"), int) and not _pid_alive(b["pid"]):
         return f"its process {b['pid']} on this host is gone"
     since = holder.mtime if holder.mtime is not None else b.get("acquired_ts")
@@ -228,7 +249,7 @@ def acquire_commit_lock(
             continue  # released between our attempt and our look: try again at once
         if holder.body.get("token") == token:
             break  # our create landed, but its answer was lost (and the retry found the object)
-        reason = _stale_reason(holder, stale_s)
+        reason = _stale_reason(holder, stale_s, local=is_local(uri), committed=partial(commit.is_committed, layout))
         owner = holder.body.get("run_id", "?")
         if reason is not None:
             log.warning("run %s: taking over the commit lock of run %s: %s", run_id, owner, reason)
@@ -283,6 +304,25 @@ def release_commit_lock(lock: CommitLock) -> None:
             os.unlink(strip(lock.uri))
         return
     _break_lock(lock.uri, holder, lock.storage_options)
+
+
+def clear_stale_lock(layout: Layout) -> None:
+    """Remove the output's commit lock if it is stale (see the module docstring), so that a killed run's lock does
+    not outlive it when no later run needs to commit. Best effort: a store error is logged, never fatal."""
+    uri = layout.commit_lock()
+    try:
+        holder = _read_lock(uri, layout.storage_options)
+        if holder is None:
+            return
+        committed = set(commit.committed_run_ids(layout))
+        reason = _stale_reason(holder, LOCK_STALE_S, local=is_local(uri), committed=committed.__contains__)
+        if reason is not None:
+            log.warning("removing the commit lock of run %s: %s", holder.body.get("run_id", "?"), reason)
+            _break_lock(uri, holder, layout.storage_options)
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        log.warning("could not check the commit lock %s: %s", redact(uri), err)
 
 
 @contextmanager

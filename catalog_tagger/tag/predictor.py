@@ -8,13 +8,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from catalog_tagger.kinds import kind_of
-from catalog_tagger.schema import ACCEL_COL, CALIB_COL, DECODE_COL, STATUS_OK, output_schema
+from catalog_tagger.schema import ACCEL_COL, CALIB_COL, DECODE_COL, STATUS_ERROR, STATUS_OK, output_schema
+
+if TYPE_CHECKING:
+    from catalog_tagger.model.multihead import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class Predictor:
             timed = run_batch(self.model, images)
             accel_s = timed.seconds
             cols = output_columns(self.card, timed.output)
+            batch = _flag_nonfinite(batch, ok, timed.output)
             if self.calibration is not None:
                 factor = self.calibration.get("factor", self.calibration["single_over_multi"] * len(self.tasks.tasks))
                 single_s = accel_s * factor
@@ -146,6 +150,7 @@ class Predictor:
         """One row per input row: error rows keep their reason and get nulls for every prediction."""
         pos = np.full(n, -1, dtype=np.int64)  # row -> index among the ok rows (-1: not predicted)
         pos[ok] = np.arange(len(ok))
+        pos[batch["status"] != STATUS_OK] = -1  # rows flagged after the forward pass (non-finite output)
         data = self._row_columns(batch, n)
         for task in self.tasks.tasks:
             for fld in kind_of(task).fields(task):
@@ -187,6 +192,19 @@ class Predictor:
         flat = np.zeros((n, dim), dtype=np.float32)
         flat[ok] = cols["embedding"]
         return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(pos < 0))
+
+
+def _flag_nonfinite(batch: dict[str, np.ndarray], ok: np.ndarray, output: ModelOutput) -> dict[str, np.ndarray]:
+    """The batch with rows whose model output is NaN or inf turned into error rows (never ``ok`` with NaN scores)."""
+    from catalog_tagger.model.inference import NONFINITE_ERROR, finite_rows
+
+    bad = ok[~finite_rows(output)]
+    if not bad.size:
+        return batch
+    log.warning("%d row(s) of a batch: %s", bad.size, NONFINITE_ERROR)
+    status, error = batch["status"].astype(object), batch["error"].astype(object)
+    status[bad], error[bad] = STATUS_ERROR, NONFINITE_ERROR
+    return {**batch, "status": status, "error": error}
 
 
 def _clean(values: np.ndarray) -> list[Any]:

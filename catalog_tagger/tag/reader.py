@@ -9,20 +9,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from catalog_tagger.decode import content_hash, decode_image
-from catalog_tagger.errors import DecodeError
+from catalog_tagger.decode import DEFAULT_MAX_PIXELS, content_hash, decode_image
+from catalog_tagger.errors import DecodeError, ReadRefused
+from catalog_tagger.fetch import ReadLimits, read_bounded
 from catalog_tagger.schema import DECODE_COL, STATUS_ERROR, STATUS_OK, STATUS_UNCHANGED
-from catalog_tagger.storage import filesystem, retry_transient, strip, within_root
+from catalog_tagger.storage import redact, with_userinfo, within_root
 
 READ_ATTEMPTS = 5
 _KEPT = ("uri", "size", "etag", "mtime")  # listing columns carried through to the output rows
 
 
-def read_with_retries(uri: str, storage_options: dict[str, Any] | None, attempts: int = READ_ATTEMPTS) -> bytes:
-    """Read an object's bytes, retrying transient store errors with jittered exponential backoff."""
-    fs = filesystem(uri, storage_options)
-    data: bytes = retry_transient(lambda: fs.cat_file(strip(uri)), f"read {uri}", attempts=attempts)
-    return data
+def read_with_retries(
+    uri: str, storage_options: dict[str, Any] | None, limits: ReadLimits | None = None, attempts: int = READ_ATTEMPTS
+) -> bytes:
+    """Read an object's bytes within ``limits`` (size cap, timeouts, one deadline for every attempt), retrying
+    transient store errors with jittered exponential backoff while the deadline allows."""
+    return read_bounded(uri, storage_options, limits, attempts=attempts)
 
 
 class _Decoded:
@@ -64,6 +66,10 @@ class DecodeStage:
     image_size: int
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials: never in a repr
     allowed_root: str | None = None  # re-checked just before each read (a symlink may have changed since listing)
+    # origin -> "user:password" taken out of the manifest's uris (sources.Listing): put back for the read only
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+    limits: ReadLimits = field(default_factory=ReadLimits)  # size cap, timeouts and deadline of each image's read
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per-image pixel budget: a larger image is an error row, never decoded
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         n = batch.num_rows
@@ -83,16 +89,19 @@ class DecodeStage:
             out.fail(i, f"read: refused: outside the allowed root {self.allowed_root}")
             return False
         try:
-            data = read_with_retries(uri, self.storage_options)
+            data = read_with_retries(with_userinfo(uri, self.credentials), self.storage_options, self.limits)
+        except ReadRefused as err:  # not a regular file, over the cap, past the deadline: the reason says which
+            out.fail(i, f"read: {err}")
+            return True
         except Exception as err:  # noqa: BLE001 - every failure becomes this image's error row
-            out.fail(i, f"read: {type(err).__name__}: {err}")
+            out.fail(i, redact(f"read: {type(err).__name__}: {err}"))
             return True
         out.hashes[i] = content_hash(data)
         if prev_hash is not None and prev_hash == out.hashes[i]:
             out.status[i] = STATUS_UNCHANGED
             return False
         try:
-            dec = decode_image(data, self.image_size)
+            dec = decode_image(data, self.image_size, max_pixels=self.max_pixels)
         except DecodeError as err:
             out.fail(i, f"decode: {err}")
         else:

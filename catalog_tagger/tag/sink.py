@@ -1,8 +1,10 @@
-"""The sink (driver side): dedup rows by uri, stage a part file every N rows, keep the run's totals."""
+"""The sink (driver side): dedup rows by uri, stage a part file every N rows or N seconds, keep the run's totals."""
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -30,7 +32,9 @@ class Totals:
 
 @dataclass
 class Sink:
-    """Stages the rows of one run under ``_staging/<run_id>/``, ``rows_per_shard`` rows per part file.
+    """Stages the rows of one run under ``_staging/<run_id>/``, ``rows_per_shard`` rows per part file, and sooner
+    once the oldest unstaged row waited ``shard_seconds``: a staged part is what an interrupted run resumes from,
+    so the time budget bounds what a Ctrl-C or a crash loses, and lets a run under ``rows_per_shard`` rows resume.
 
     Ray Data delivers each batch at least once (a retried batch arrives again), so rows are deduplicated by uri
     against everything seen, including the uris that earlier attempts staged (``seen``).
@@ -39,12 +43,14 @@ class Sink:
     layout: Layout
     run_id: str
     rows_per_shard: int
+    shard_seconds: float = math.inf  # stage what is pending once its oldest row waited this long
     seen: set[str] = field(default_factory=set)  # uris staged so far (by this attempt or resumed)
     index: int = 0  # index of the next part file
     shards: list[Shard] = field(default_factory=list)  # staged by this attempt
     totals: Totals = field(default_factory=Totals)
     _pending: list[pa.Table] = field(default_factory=list, init=False, repr=False)  # rows not yet in a part
     _pending_rows: int = field(default=0, init=False, repr=False)
+    _pending_since: float = field(default=0.0, init=False, repr=False)  # monotonic time the oldest pending row came
 
     def add(self, table: pa.Table) -> int:
         """Take one batch from the predictor; stage whole part files as they fill. Returns the rows kept."""
@@ -53,6 +59,8 @@ class Sink:
         unchanged = pc.equal(table.column("status"), STATUS_UNCHANGED)
         self.totals.unchanged += int(pc.sum(unchanged).as_py() or 0)
         table = table.filter(pc.invert(unchanged))
+        if table.num_rows and not self._pending_rows:
+            self._pending_since = time.monotonic()
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_shard:
@@ -60,10 +68,13 @@ class Sink:
             self._pending = [merged.slice(self.rows_per_shard)]
             self._pending_rows = merged.num_rows - self.rows_per_shard
             self._write(merged.slice(0, self.rows_per_shard))
+            self._pending_since = time.monotonic()
+        if self._pending_rows and time.monotonic() - self._pending_since >= self.shard_seconds:
+            self.flush()
         return int(table.num_rows)
 
     def flush(self) -> None:
-        """Stage what is pending as a last, smaller part file."""
+        """Stage what is pending as a smaller part file (at the end, or on the time budget)."""
         if self._pending_rows:
             self._write(pa.concat_tables(self._pending))
         self._pending, self._pending_rows = [], 0

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from catalog_tagger.config import TaskConfig, parse_tasks
+from catalog_tagger.errors import UserError
 from catalog_tagger.model.multihead import MultiHeadModel
 from catalog_tagger.model.weights import state_bytes
 from catalog_tagger.train.config import TrainConfig
@@ -58,6 +59,22 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     return {"state": state_bytes(model), "fit": dataclasses.asdict(res)}
 
 
+def _user_error(err: BaseException) -> UserError | None:
+    """The first ``UserError`` (a diverged loss) inside Ray's wrapping of the workers' failures, if any."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(x, BaseException)]
+        todo += [x for x in (failures.values() if isinstance(failures, dict) else []) if isinstance(x, BaseException)]
+    return None
+
+
 def fit_on_ray(cfg: TrainConfig, tasks: TaskConfig, data: TrainData, split: Split) -> tuple[MultiHeadModel, FitResult]:
     """Train with ``cfg.workers`` Ray Train workers; returns the best model (on CPU) and its fit history."""
     import ray
@@ -96,9 +113,15 @@ def fit_on_ray(cfg: TrainConfig, tasks: TaskConfig, data: TrainData, split: Spli
             ),
             run_config=RunConfig(name=f"catalog-tagger-train-{os.getpid()}", storage_path=cfg.ray_storage_path),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        try:
+            result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+        except Exception as err:
+            found = _user_error(err)
+            if found is None:
+                raise
+            raise found from None  # one line (a diverged loss), not Ray's page of worker tracebacks
         value = getattr(result, "return_value", None)  # Ray Train v2's Result (the default); v1's has none
         if not value:
             raise RuntimeError("Ray Train finished without rank 0's trained weights")

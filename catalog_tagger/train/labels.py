@@ -124,6 +124,32 @@ def _resolve_uri(uri: str, base: str) -> str:
     return join(base, uri)
 
 
+def log_label_counts(table: LabelTable, tasks: TaskConfig, source: str) -> None:
+    """Per task, how many rows train it and how many are masked; warn when a multilabel task has no "no labels" row.
+
+    An empty cell means "unknown" (the row is masked for that task); ``[]`` (an empty list) means "none of the
+    labels". A multilabel task whose labelled rows all carry a label never sees a negative image, and then
+    predicts some label on every image.
+    """
+    for task in tasks.tasks:
+        kind = kind_of(task)
+        y = table.targets[task.name]
+        labelled = int(kind.labelled(y).sum())
+        empty = kind.empty_rows(y)
+        with_none = "" if empty is None else f", {empty} of them with no label ([])"
+        log.info(
+            "%s: task %r (%s): %d row(s) labelled%s, %d unlabelled (empty cell: masked)",
+            source, task.name, task.kind, labelled, with_none, len(table) - labelled,
+        )  # fmt: skip
+        if empty == 0 and labelled:
+            log.warning(
+                "%s: multilabel task %r has no row with no label, so the model will learn to put a label on "
+                "every image; write [] (an empty list) for images with none of the labels: an empty cell means "
+                "'unknown' and is masked",
+                source, task.name,
+            )  # fmt: skip
+
+
 def labelled_counts(table: LabelTable, tasks: TaskConfig) -> dict[str, int]:
     """Images with a label, per task (the card and the report show them)."""
     return {t.name: int(kind_of(t).labelled(table.targets[t.name]).sum()) for t in tasks.tasks}

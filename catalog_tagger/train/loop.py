@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from catalog_tagger.config import TaskConfig
+from catalog_tagger.errors import TrainingDiverged
 from catalog_tagger.kinds import kind_of
 from catalog_tagger.model.inference import autocast, to_device
 from catalog_tagger.model.multihead import MultiHeadModel, build_model
 from catalog_tagger.train.config import TrainConfig
 from catalog_tagger.train.data import Augment, TrainData, model_inputs
 from catalog_tagger.train.evaluate import EVAL_BATCH, evaluate, headline_row
-from catalog_tagger.train.losses import combine_losses, task_losses
+from catalog_tagger.train.losses import TaskLosses, combine_losses, task_losses
 from catalog_tagger.train.progress import ProgressBar
 from catalog_tagger.train.split import Split
 
@@ -115,13 +116,15 @@ class _Fit:
         cfg, has_val = self.cfg, split.val.size > 0
         batches = self.batches(split.train, epoch)
         bar.reset(f"{self.label} epoch {epoch}/{cfg.epochs}", len(batches))
-        train_loss = self.dist.mean(self.train_epoch(data, batches, bar))
+        train_loss = self.dist.mean(self.train_epoch(data, batches, bar, epoch))
+        self.check_finite("training", train_loss, epoch)  # every rank holds the same mean: all stop together
         row: dict[str, Any] = {"epoch": epoch, "lr": float(f"{self.opt.param_groups[0]['lr']:.4g}")}
         val_loss = train_loss
         columns: dict[str, Any] = {}
         if has_val and self.dist.rank == 0:
             val_loss, columns = self.validate(data, split.val)
         val_loss = self.dist.broadcast(val_loss)
+        self.check_finite("validation", val_loss, epoch)
         improved = self.step(epoch, val_loss)
         row.update(
             seconds=round(time.perf_counter() - t0, 2),
@@ -147,19 +150,23 @@ class _Fit:
             bounds.pop()
         return np.split(perm, bounds[1:]) if bounds else []
 
-    def train_epoch(self, data: TrainData, batches: list[np.ndarray], bar: ProgressBar) -> float:
+    def train_epoch(self, data: TrainData, batches: list[np.ndarray], bar: ProgressBar, epoch: int) -> float:
         """One pass of optimiser steps; the mean training loss over this rank's images."""
         self.model.train()
         loss_sum, loss_n = 0.0, 0
-        for idx in batches:
+        for step, idx in enumerate(batches, 1):
             x, y = data.batch(idx, self.device)
             with autocast(self.device, bf16_only=True) if self.cfg.amp else nullcontext():
                 out = self.net(model_inputs(self.model, x, self.aug, self.gen))
-            loss = combine_losses(task_losses(out.logits, y, self.tasks), self.tasks)
+            parts = task_losses(out.logits, y, self.tasks)
+            loss = combine_losses(parts, self.tasks)
+            value = float(loss.detach())  # syncs once per step, as the running mean below always did
+            if self.dist.world == 1:  # one process: stop before this step spoils the weights (DDP: per epoch)
+                self.check_finite("training", value, epoch, step, parts)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             self.opt.step()
-            loss_sum += float(loss.detach()) * idx.size
+            loss_sum += value * idx.size
             loss_n += idx.size
             bar.update(advance=1, info=f"loss {loss_sum / max(loss_n, 1):.4f}")
         return loss_sum / max(loss_n, 1)
@@ -185,10 +192,31 @@ class _Fit:
         self.bad += 1
         return False
 
+    def check_finite(
+        self, what: str, loss: float, epoch: int, step: int | None = None, parts: TaskLosses | None = None
+    ) -> None:
+        """Stop with ``TrainingDiverged`` when a loss is NaN or infinite: every later step would only spread it,
+        and the "best" epoch restored at the end would be the random initialisation."""
+        if math.isfinite(loss):
+            return
+        where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+        tasks = [t.name for t in self.tasks if parts is not None and not _finite_part(parts[t.name], t.weight)]
+        named = f" (task(s) {', '.join(tasks)})" if tasks else ""
+        raise TrainingDiverged(
+            f"{self.label}: the {what} loss became {loss} at {where}{named}; lower --lr, check the task weights in "
+            "tasks.yaml and the labels; no model artifact was written"
+        )
+
     def headline(self, columns: dict[str, Any]) -> str:
         """The log line's tail: each task's first headline metric on val."""
         keys = [f"{t.name}_{kind_of(t).headline[0]}" for t in self.tasks]
         return "".join(f", {k} {columns[f'val_{k}']:.3f}" for k in keys if columns.get(f"val_{k}") is not None)
+
+
+def _finite_part(part: tuple[torch.Tensor, torch.Tensor], weight: float) -> bool:
+    """Whether one task's weighted mean loss of a batch is finite (``task_losses`` gives its sum and count)."""
+    total, n = part
+    return math.isfinite(float(weight * total.detach().float() / n.clamp(min=1.0)))
 
 
 def fit(

@@ -9,10 +9,12 @@ import torch
 from catalog_tagger.config import TaskSpec
 from catalog_tagger.kinds import kind_of
 
+TaskLosses = dict[str, tuple[torch.Tensor, torch.Tensor]]  # task -> (sum of per-image losses, labelled images)
+
 
 def task_losses(
     logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], tasks: Sequence[TaskSpec]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> TaskLosses:
     """Per task: (sum of per-image losses over labelled images, number of labelled images).
 
     The per-image loss is the kind's (cross-entropy for multiclass, BCE-with-logits summed over labels for
@@ -20,14 +22,14 @@ def task_losses(
     it. Keeping every head in the graph (rather than dropping unlabelled rows) also keeps DDP's gradient buckets
     identical on every worker.
     """
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: TaskLosses = {}
     for task in tasks:
         per, mask = kind_of(task).loss(logits[task.name], targets[task.name])
         out[task.name] = ((per * mask).sum(), mask.sum())
     return out
 
 
-def combine_losses(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: Sequence[TaskSpec]) -> torch.Tensor:
+def combine_losses(parts: TaskLosses, tasks: Sequence[TaskSpec]) -> torch.Tensor:
     """sum over tasks of weight x (mean loss over the batch's labelled images for that task)."""
     total = torch.zeros((), device=next(iter(parts.values()))[0].device)
     for task in tasks:

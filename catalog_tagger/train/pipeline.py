@@ -29,7 +29,7 @@ from catalog_tagger.train.compare import compare_single_task
 from catalog_tagger.train.config import TrainConfig
 from catalog_tagger.train.data import TrainData, colour_tasks, decode_all
 from catalog_tagger.train.evaluate import tested_card
-from catalog_tagger.train.labels import LabelTable, labelled_counts, load_labels
+from catalog_tagger.train.labels import LabelTable, labelled_counts, load_labels, log_label_counts
 from catalog_tagger.train.loop import FitResult, fit, new_model
 from catalog_tagger.train.outputs import (
     COMPARISON_FILE,
@@ -104,6 +104,7 @@ def validate(cfg: TrainConfig) -> tuple[TaskConfig, LabelTable]:
     table = load_labels(cfg.labels, tasks, cfg.storage_options)
     if cfg.max_images is not None and cfg.max_images < len(table):
         table = table.subset(np.arange(cfg.max_images))
+    log_label_counts(table, tasks, cfg.labels.rsplit("/", 1)[-1])
     return tasks, table
 
 

@@ -1,4 +1,8 @@
-"""The real client path: deploy/local.sh (server + pool + deployments + worker), `prefect deployment run --watch`."""
+"""The real client path: deploy/local.sh (server + pool + deployments + worker), `prefect deployment run --watch`.
+
+The server is deployed to with no ``CATALOG_TAGGER_*`` variable set, in deploy/local.sh's environment and the
+worker's alike (the way deploy/prefect.yaml's header says to deploy); the tests run in file order.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -38,6 +44,22 @@ class LocalPrefect:
         import httpx
 
         return httpx.post(f"{self.api_url}{path}", json=body, timeout=10).raise_for_status().json()
+
+    def deploy(self, **variables: str) -> subprocess.CompletedProcess[str]:
+        """`prefect deploy` as deploy/prefect.yaml's header says, with ``CATALOG_TAGGER_<key>`` set to each value."""
+        env = self.env | {f"CATALOG_TAGGER_{k}": v for k, v in variables.items()}
+        cmd = [str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all"]
+        return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+    def run_deployment(self, name: str, params: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        """`prefect deployment run NAME -p k=v ... --watch`: exits 0 when the run completes, 1 when it fails."""
+        cmd = [str(VENV_BIN / "prefect"), "deployment", "run", name, "--watch", "--watch-timeout", "240"]
+        for key, value in params.items():
+            cmd += ["-p", f"{key}={value}"]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    def flow_runs(self, state: str) -> list[dict]:
+        return self.post("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": [state]}}}})
 
 
 def _free_port() -> int:
@@ -72,14 +94,13 @@ def local_prefect(tmp_path_factory) -> Iterator[LocalPrefect]:
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS", "CATALOG_TAGGER_"))}
     env |= {
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         "VENV_BIN": str(VENV_BIN),
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
         "CATALOG_TAGGER_PREFECT_PORT": str(port),
-        "CATALOG_TAGGER_TZ": "UTC",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "RAY_USAGE_STATS_ENABLED": "0",
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick the run up quickly (default 10 s)
@@ -110,12 +131,25 @@ def catalog(catalog_kit) -> dict[str, str]:
     return {"source": kit["source"], "model": kit["model"], "output": str(Path(kit["root"]) / "out")}
 
 
+def test_deployed_without_any_variable(local_prefect: LocalPrefect) -> None:
+    """Every setting has an explicit default, stored in the deployment (none is left for the worker to resolve)."""
+    workdir = {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    for name in ("nightly-tagging/local", "backfill/local", "train-model/local"):
+        assert local_prefect.get(f"/deployments/name/{name}")["pull_steps"] == [workdir], name
+    nightly = local_prefect.get("/deployments/name/nightly-tagging/local")
+    assert nightly["parameters"] == {"source": "", "output": "", "model": ""}
+    [schedule] = nightly["schedules"]
+    assert schedule["schedule"]["timezone"] == "UTC" and schedule["active"] is False
+    said = " ".join(local_prefect.log.read_text(errors="replace").split())
+    assert f"CATALOG_TAGGER_HOME is unset: flow runs start in {ROOT} (the directory deployed from)" in said
+    assert "CATALOG_TAGGER_TZ is unset: the nightly cron runs at 02:00 UTC" in said
+    assert "nightly schedule is created paused" in said
+
+
 def test_deployment_run_commits_the_catalog(local_prefect: LocalPrefect, catalog: dict[str, str]) -> None:
-    cmd = [str(VENV_BIN / "prefect"), "deployment", "run", "nightly-tagging/local", "--watch"]
-    cmd += ["--watch-timeout", "240"]
-    for key in ("source", "output", "model"):
-        cmd += ["-p", f"{key}={catalog[key]}"]
-    proc = subprocess.run(cmd, env=local_prefect.env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    """A run of the deployment made without CATALOG_TAGGER_HOME, by a worker without it, starts in the checkout."""
+    assert not any(k.startswith("CATALOG_TAGGER_") and k != "CATALOG_TAGGER_PREFECT_PORT" for k in local_prefect.env)
+    proc = local_prefect.run_deployment("nightly-tagging/local", {k: catalog[k] for k in ("source", "output", "model")})
     assert proc.returncode == 0, (
         f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}\n--- deploy/local.sh ---\n"
         + local_prefect.log.read_text(errors="replace")[-6000:]
@@ -131,7 +165,7 @@ def test_deployment_run_commits_the_catalog(local_prefect: LocalPrefect, catalog
 
     assert pads.dataset(str(out / "predictions"), format="parquet").count_rows() == 20
 
-    [run] = local_prefect.post("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    [run] = local_prefect.flow_runs("COMPLETED")
     assert re.fullmatch(r"nightly-\d{4}-\d{2}-\d{2}", run["name"])
     arts = local_prefect.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["nightly-savings"]}}})
     assert arts and arts[0]["flow_run_id"] == run["id"]
@@ -139,10 +173,37 @@ def test_deployment_run_commits_the_catalog(local_prefect: LocalPrefect, catalog
     assert {r["key"]: r["value"] for r in rows} == manifest["savings"]
 
 
-def test_nightly_deployment_is_scheduled_and_never_overlaps(local_prefect: LocalPrefect) -> None:
+def test_a_run_without_its_parameters_fails_naming_them(local_prefect: LocalPrefect) -> None:
+    proc = local_prefect.run_deployment("nightly-tagging/local", {})
+    assert proc.returncode == 1, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [run] = local_prefect.flow_runs("FAILED")
+    logs = local_prefect.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})
+    text = "\n".join(entry["message"] for entry in logs)
+    assert "parameter source: Value error, source is empty: pass -p source=..." in text, text[-3000:]
+    assert "FileNotFoundError" not in text
+
+
+def test_a_bad_timezone_fails_the_deploy_in_one_line(local_prefect: LocalPrefect) -> None:
+    before = local_prefect.get("/deployments/name/nightly-tagging/local")["updated"]
+    proc = local_prefect.deploy(TZ="Europe/Berln")
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "error: CATALOG_TAGGER_TZ='Europe/Berln' is not an IANA timezone name" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert local_prefect.get("/deployments/name/nightly-tagging/local")["updated"] == before
+
+
+def test_nightly_deployment_is_scheduled_and_never_overlaps(local_prefect: LocalPrefect, tmp_path: Path) -> None:
+    """Deployed with every variable set: the defaults are stored, and the schedule is active in that timezone."""
+    values = {"source": str(tmp_path / "images"), "output": str(tmp_path / "out"), "model": str(tmp_path / "model")}
+    proc = local_prefect.deploy(TZ="Europe/Berlin", HOME=str(ROOT), **{k.upper(): v for k, v in values.items()})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "WARNING" not in proc.stdout + proc.stderr  # no default applied, nothing to say
     dep = local_prefect.get("/deployments/name/nightly-tagging/local")
+    assert dep["parameters"] == values
     [schedule] = dep["schedules"]
-    assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
+    assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedule["active"] is True
     assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     limit = dep.get("global_concurrency_limit") or {}
     assert limit.get("limit") == 1
@@ -163,4 +224,6 @@ def test_nightly_deployment_is_scheduled_and_never_overlaps(local_prefect: Local
         '"Can\'t evaluate bulk DML statement", pin sqlalchemy<2.1 (Prefect 3.8 + SQLAlchemy 2.1):\n'
         + local_prefect.log.read_text(errors="replace")[-3000:]
     )
-    assert all(r["expected_start_time"].endswith(("T02:00:00Z", "T02:00:00+00:00")) for r in runs)
+    berlin = ZoneInfo("Europe/Berlin")
+    starts = [datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00")).astimezone(berlin) for r in runs]
+    assert all((s.hour, s.minute) == (2, 0) for s in starts), starts

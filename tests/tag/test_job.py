@@ -127,7 +127,7 @@ GOLDEN_MANIFEST_KEYS = {
     "tasks": None,
     "counts": {
         "listed", "to_tag", "unchanged", "rows", "ok", "error", "skipped_non_image", "duplicate_uris",
-        "retried_duplicates_dropped", "resumed", "committed_meanwhile_dropped",
+        "skipped_by_reason", "retried_duplicates_dropped", "resumed", "committed_meanwhile_dropped",
     },
     "timings": {"wall_s", "list_s", "pipeline_s", "accel_s", "decode_cpu_s", "images_per_s"},
     "resources": {"executor", "actors", "num_gpus", "threads"},  # the local executor's plan
