@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -19,7 +14,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from catalog_tagger.errors import Terminated, UserError
+from catalog_tagger.errors import UserError
+from catalog_tagger.interrupts import EXIT_INTERRUPTED, EXIT_TRANSIENT, resumable_on_interrupt
 
 app = typer.Typer(
     name="catalog-tagger",
@@ -33,11 +29,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 M = TypeVar("M")
-
-# Exit codes (README "Exit codes"): 0 done, 1 a bug (traceback), 2 bad input or usage (one line), and:
-EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the store, network or cluster failed; rerunning later may succeed (one line)
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): the run id and the command that resumes it are printed
-EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): likewise
 
 
 def _print_version(value: bool) -> None:
@@ -216,41 +207,9 @@ def tag(
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume
     cfg = _validated(TagJobConfig, params)
-    with _resumable_on_interrupt(cfg.run_id or ""), tag_progress(console) as progress:
+    with resumable_on_interrupt(cfg.run_id or "", console), tag_progress(console) as progress:
         result = run(cfg, progress=progress)
     render_run_summary(result, out_console)
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - a signal handler
-    raise Terminated()
-
-
-@contextmanager
-def _resumable_on_interrupt(run_id: str) -> Iterator[None]:
-    """Ctrl-C, or SIGTERM (raised as ``Terminated`` meanwhile), stops the run (the library shuts down the Ray it
-    started) and prints its id and the command that resumes it; exit 130 (143 for SIGTERM)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    try:
-        yield
-    except KeyboardInterrupt as err:
-        console.print(f"interrupted: run {run_id} did not finish; what it staged is kept. Resume it with:",
-                      soft_wrap=True, markup=False, highlight=False)  # fmt: skip
-        console.print(_resume_command(run_id), soft_wrap=True, markup=False, highlight=False)
-        raise typer.Exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _resume_command(run_id: str) -> str:
-    """This command line with ``--run-id`` (added when missing), credentials in URLs redacted."""
-    from catalog_tagger.storage import redact
-
-    args = sys.argv[1:]
-    if not any(a == "--run-id" or a.startswith("--run-id=") for a in args):
-        args = [*args, "--run-id", run_id]
-    return shlex.join(["catalog-tagger", *(redact(a) for a in args)])
 
 
 def _validated(model_cls: Callable[..., M], params: dict[str, Any]) -> M:
@@ -363,9 +322,9 @@ def similar(
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout.")] = False,
 ) -> None:
     """The k images nearest by cosine similarity of their embeddings (latest ok rows, one model version)."""
-    from catalog_tagger.query import similar as find_similar
     from catalog_tagger.query import to_json_lines
     from catalog_tagger.render import render_similar
+    from catalog_tagger.similar import similar as find_similar
 
     results = find_similar(output, uri=uri, image=image, k=k, model=model)
     if as_json:
@@ -420,7 +379,7 @@ def main() -> None:
         sys.exit(err.exit_code)
     except typer.Abort:
         console.print("aborted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:  # a store, network or cluster failure worth a later retry: one line, exit 75
         from catalog_tagger.storage import is_transient
 

@@ -22,7 +22,8 @@ import pytest
 from modelkit import centred_model
 
 from catalog_tagger.errors import UserError
-from catalog_tagger.query import RUNS_SCHEMA, VIEWS, connect, query, similar
+from catalog_tagger.query import RUNS_SCHEMA, VIEWS, connect, query
+from catalog_tagger.similar import similar
 from catalog_tagger.synthetic.catalog import SynthConfig, generate
 from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.job import TagJobConfig, run

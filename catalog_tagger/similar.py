@@ -1,0 +1,126 @@
+"""Nearest images by the shared embedding: ``similar`` over the ``latest`` view of one model version."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_tagger.errors import UserError
+from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident
+
+
+def _label_columns(cat: Catalog, model_version: str) -> list[str]:
+    tasks: list[str] = []
+    for m in cat.manifests:
+        if m.get("model_version") == model_version:
+            tasks = list(m.get("tasks") or [])
+    present = set(cat.con.sql("SELECT * FROM predictions LIMIT 0").columns)
+    return [t for t in tasks if t in present]
+
+
+def _embed_image(image: str, model_uri: str, model_version: str, storage_options: dict[str, Any] | None) -> np.ndarray:
+    """The embedding of one image file by the model of the run being searched (refused if it changed since)."""
+    from catalog_tagger.errors import DecodeError
+    from catalog_tagger.model.artifact import load_artifact
+    from catalog_tagger.model.inference import prepare_for_inference, read_image, run_batch, select_device
+
+    try:
+        model, card = load_artifact(model_uri)
+    except FileNotFoundError:
+        raise UserError(f"model {model_uri!r} (of the latest run) not found; pass --model") from None
+    if card.version != model_version:
+        raise UserError(
+            f"model {model_uri!r} is now version {card.version}, but the rows were tagged by {model_version}: "
+            "embeddings of different models are not comparable; pass --model with that version's artifact"
+        )
+    try:
+        dec = read_image(image, card.image_size, storage_options)
+    except DecodeError as err:
+        raise UserError(f"{image}: {err}") from None
+    model = prepare_for_inference(model, select_device("auto"))
+    batch = np.stack([dec.array])  # a writable copy: torch refuses read-only arrays
+    embedding: np.ndarray = run_batch(model, batch).output.embedding[0].numpy().astype(np.float32)
+    return embedding
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero), so a dot product is the cosine similarity."""
+    unit: np.ndarray = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+    return unit
+
+
+def similar(
+    output: str,
+    uri: str | None = None,
+    image: str | None = None,
+    k: int = 10,
+    *,
+    model: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The ``k`` images of ``latest`` nearest to ``uri`` (a tagged image) or ``image`` (any image file).
+
+    Cosine similarity of the embeddings, brute force in numpy: the whole embedding matrix of the searched model
+    version is loaded (rows x dim x 4 bytes: about 2.3 GB for 10^6 rows of 576 floats). Only rows of one model
+    version are compared (embeddings of different models are not comparable): the query row's version for
+    ``uri``, the latest run's for ``image``. For ``uri`` the image itself comes first with similarity 1.0.
+    Each result: ``uri``, ``similarity`` and the row's label column per task.
+    """
+    if (uri is None) == (image is None):
+        raise UserError("give exactly one of --uri (an image in the catalog) or --image (an image file)")
+    if k < 1:
+        raise UserError(f"-k must be at least 1, not {k}")
+    cat = open_catalog(output, storage_options)
+    try:
+        if not cat.manifests:
+            raise UserError(f"no committed runs under {output}")
+        query_vec: np.ndarray | None = None
+        if image is None:
+            assert uri is not None  # exactly one of the two, checked above
+            found = run_sql(cat.con, "SELECT model_version FROM latest WHERE uri = ?", [uri])
+            if found.num_rows == 0 and "://" not in uri and os.path.abspath(uri) != uri:
+                uri = os.path.abspath(uri)  # local catalogs store absolute paths
+                found = run_sql(cat.con, "SELECT model_version FROM latest WHERE uri = ?", [uri])
+            if found.num_rows == 0:
+                raise UserError(f"{uri} has no ok row in the latest predictions of {output} (not tagged, or an error)")
+            version = found.column("model_version")[0].as_py()
+        else:
+            latest = cat.manifest()
+            version = latest["model_version"]
+            query_vec = _embed_image(image, model or latest["model"], version, storage_options)
+        labels = _label_columns(cat, version)
+        cols = ", ".join(["uri", "embedding", *(sql_ident(t) for t in labels)])
+        rows = run_sql(cat.con, f"SELECT {cols} FROM latest WHERE model_version = ? ORDER BY uri", [version])
+    finally:
+        cat.con.close()
+    return _nearest(rows, labels, version, uri, query_vec, k)
+
+
+def _nearest(
+    rows: pa.Table, labels: list[str], version: str, uri: str | None, query_vec: np.ndarray | None, k: int
+) -> list[dict[str, Any]]:
+    """The ``k`` rows nearest to row ``uri`` (when given) or to ``query_vec``, most similar first."""
+    emb = rows.column("embedding").combine_chunks()
+    lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
+    if len(lengths) != 1:
+        raise UserError(f"embeddings of model {version} have mixed lengths {lengths}: the output is inconsistent")
+    matrix = _normalise(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(rows.num_rows, -1))
+    uris = rows.column("uri").to_pylist()
+    self_idx = uris.index(uri) if uri is not None else -1
+    q = matrix[self_idx] if query_vec is None else _normalise(query_vec.astype(np.float32))
+    sims = np.clip(matrix @ q, -1.0, 1.0)
+    if self_idx >= 0:
+        sims[self_idx] = 1.0  # cos(x, x) is 1 by definition; float rounding must not put a twin first
+    rank = sims.copy()
+    if self_idx >= 0:
+        rank[self_idx] = np.inf  # always in the top k, even among exact twins
+    k = min(k, len(uris))
+    top = np.argpartition(-rank, k - 1)[:k] if k < len(uris) else np.arange(len(uris))
+    # Highest similarity first; the query image before any exact twin; then by uri so ties are stable.
+    order = sorted(top.tolist(), key=lambda i: (-float(sims[i]), i != self_idx, uris[i]))
+    label_values = {t: rows.column(t).to_pylist() for t in labels}
+    return [{"uri": uris[i], "similarity": float(sims[i]), **{t: label_values[t][i] for t in labels}} for i in order]
