@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from catalog_tagger.config import TaskConfig
 from catalog_tagger.decode import decode_image
 from catalog_tagger.errors import DecodeError
+from catalog_tagger.fetch import read_bounded
 from catalog_tagger.model.multihead import MultiHeadModel
-from catalog_tagger.storage import read_bytes, retry_transient
 from catalog_tagger.train.config import TrainConfig, cores
 
 # Colour jitter shifts brightness and saturation: it would teach a colour head that white is sometimes grey.
@@ -48,7 +48,7 @@ def decode_all(
 
     def one(i: int) -> None:
         try:
-            data = retry_transient(lambda: read_bytes(uris[i], storage_options), f"read {uris[i]}")
+            data = read_bounded(uris[i], storage_options)  # the tag reader's bounds: size cap, deadline
         except Exception as err:  # noqa: BLE001 - any read failure skips the image, counted and reported
             errors[i] = f"unreadable: {type(err).__name__}: {err}"
             return
