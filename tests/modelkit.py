@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def centred_model(tasks_uri: str, images: list[str], out: Path, seed: int = 0) -> str:
@@ -32,3 +34,14 @@ def centred_model(tasks_uri: str, images: list[str], out: Path, seed: int = 0) -
             head.bias.copy_(-(w @ mean))
     save_artifact(model, card_for(model, image_size=32), out)
     return str(out)
+
+
+def committed_rows(out: str | Path, storage_options: dict | None = None) -> pa.Table:
+    """Every row of every file a committed run lists (what readers see), sorted by uri; local or any fsspec store."""
+    from catalog_tagger.storage import filesystem, strip
+    from catalog_tagger.tag import commit
+
+    files = commit.committed_files(commit.Layout(str(out), storage_options))
+    fs = filesystem(str(out), storage_options)
+    tables = [pq.read_table(strip(f), filesystem=fs) for f in files]
+    return pa.concat_tables(tables).sort_by("uri") if tables else pa.table({"uri": pa.array([], pa.string())})

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from modelkit import committed_rows
 
 from catalog_tagger.synthetic.catalog import write_bad_images
-from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.executors import choose_executor
 from catalog_tagger.tag.job import TagJobConfig, run
 
@@ -30,11 +29,6 @@ def catalog(kit):
 @pytest.fixture(scope="module")
 def model(kit):
     return kit["model"]
-
-
-def committed_rows(out: str | Path) -> pa.Table:
-    files = ledger.committed_files(ledger.Layout(str(out)))
-    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("uri")
 
 
 def _run(model: str, source: str, out: Path, **kw):

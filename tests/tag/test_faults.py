@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from faultproxy import Burst, DenyWritesAfter, EveryNth, FaultProxy
+from modelkit import committed_rows
 
 from catalog_tagger.config import load_tasks
 from catalog_tagger.errors import CommitLockLost, CommitLockTimeout, OutputWriteError
@@ -66,15 +66,6 @@ def clean(images, model, tmp_path_factory) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def committed_rows(out: str, storage_options: dict | None = None) -> pa.Table:
-    """Rows of every file listed in a committed run manifest (what readers see)."""
-    layout = ledger.Layout(out, storage_options)
-    files = ledger.committed_files(layout)
-    fs = filesystem(out, storage_options)
-    tables = [pq.read_table(f.removeprefix("s3://"), filesystem=fs) for f in files]
-    return pa.concat_tables(tables) if tables else pa.table({"uri": pa.array([], pa.string())})
-
-
 def by_name(table: pa.Table) -> dict[str, dict]:
     rows = table.to_pylist()
     names = [r["uri"].rsplit("/", 1)[-1] for r in rows]

@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from modelkit import committed_rows
 
 from catalog_tagger import query as q
 from catalog_tagger.errors import UserError
 from catalog_tagger.schema import SKIP_REASONS
 from catalog_tagger.storage import local_uri, redact, strip
-from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.job import TagJobConfig, run
 from catalog_tagger.tag.sources import list_source
 
@@ -48,12 +48,6 @@ def images(kit) -> list[Path]:
 @pytest.fixture(scope="module")
 def model(kit) -> str:
     return kit["model"]
-
-
-def committed_rows(out: str | Path, opts: dict | None = None) -> pa.Table:
-    layout = ledger.Layout(str(out), opts)
-    files = ledger.committed_files(layout)
-    return pa.concat_tables([pq.read_table(strip(f), filesystem=layout.fs()) for f in files])
 
 
 def blake(path: str | bytes) -> str:

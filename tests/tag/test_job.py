@@ -14,6 +14,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from modelkit import committed_rows
 
 from catalog_tagger.config import load_tasks
 from catalog_tagger.query import RUNS_SCHEMA
@@ -45,11 +46,6 @@ def catalog(kit):
 @pytest.fixture(scope="module")
 def model(kit):
     return kit["model"]
-
-
-def committed_rows(out: str | Path) -> pa.Table:
-    files = ledger.committed_files(ledger.Layout(str(out)))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
 
 
 def visible_parquet(out: Path) -> list[Path]:
