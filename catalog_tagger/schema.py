@@ -11,9 +11,10 @@ from catalog_tagger.config import TaskConfig
 from catalog_tagger.kinds import kind_of
 
 # Bump on any change to the columns below, and say what changed in README "Output schema".
-OUTPUT_SCHEMA_VERSION = 1
-# Bump on any change to the run manifest's keys (``RunManifest``). 2: counts.skipped_by_reason.
-MANIFEST_VERSION = 2
+OUTPUT_SCHEMA_VERSION = 2  # 2: Delta Lake tables; embedding list<float32>; run_date partition
+# Bump on any change to the run manifest's keys (``RunManifest``). 2: counts.skipped_by_reason. 3: the Delta
+# commit lists the files: ``files``/``bytes`` are their count and size.
+MANIFEST_VERSION = 3
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -136,19 +137,8 @@ class RunTimings:
 
 
 @dataclass
-class ManifestFile:
-    """One committed part file (``files``)."""
-
-    path: str  # relative to the output root, so an output folder can be moved or synced
-    rows: int
-    ok: int
-    error: int
-    bytes: int | None
-
-
-@dataclass
 class RunManifest:
-    """``runs/<run_id>.json``, written last by the commit: a run exists for readers once this exists.
+    """A run's manifest: carried by its Delta commit (the truth) and copied to ``runs/<run_id>.json``.
 
     Written as JSON with exactly these keys (pinned by a golden test); readers take it as a plain dict.
     """
@@ -168,7 +158,8 @@ class RunManifest:
     resources: dict[str, Any]  # the executor's plan: executor, actors, num_gpus, num_cpus, threads, ...
     savings: dict[str, Any]  # accounting.Savings.to_dict()
     notes: list[str]
-    files: list[ManifestFile] = field(default_factory=list)  # filled in by the commit
+    files: int = field(default=0, metadata=runs_column(pa.int64()))  # data files the run's Delta commit added
+    bytes: int = field(default=0, metadata=runs_column(pa.int64()))  # their total size
     manifest_version: int = MANIFEST_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,14 +54,36 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 protocol server (moto's server mode) on loopback; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 protocol server (moto's server mode) on loopback, in its own process; yields its endpoint URL.
+
+    Its own process: delta-rs holds the GIL while it waits on the network, so a server thread in this process
+    would never answer it.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto server did not start on {url}")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 
 def centred_model(tasks_uri: str, images: list[str], out: Path, seed: int = 0) -> str:
@@ -37,11 +36,11 @@ def centred_model(tasks_uri: str, images: list[str], out: Path, seed: int = 0) -
 
 
 def committed_rows(out: str | Path, storage_options: dict | None = None) -> pa.Table:
-    """Every row of every file a committed run lists (what readers see), sorted by uri; local or any fsspec store."""
-    from catalog_tagger.storage import filesystem, strip
-    from catalog_tagger.tag import commit
+    """Every committed row of the history table, read through its Delta log (what readers see), sorted by uri;
+    local or any fsspec store."""
+    from catalog_tagger.tag import commit, delta
 
-    files = commit.committed_files(commit.Layout(str(out), storage_options))
-    fs = filesystem(str(out), storage_options)
-    tables = [pq.read_table(strip(f), filesystem=fs) for f in files]
-    return pa.concat_tables(tables).sort_by("uri") if tables else pa.table({"uri": pa.array([], pa.string())})
+    table = commit.Layout(str(out), storage_options).history()
+    if table is None:
+        return pa.table({"uri": pa.array([], pa.string())})
+    return delta.dataset(table).to_table().sort_by("uri")

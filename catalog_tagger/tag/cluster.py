@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from catalog_tagger.errors import RayJobFailed, UserError
 from catalog_tagger.tag import job
-from catalog_tagger.tag.commit import Layout, read_json
+from catalog_tagger.tag.commit import Layout, committed_manifest
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.executors import ProgressFn
 from catalog_tagger.tag.job import RunResult
@@ -256,7 +256,7 @@ def _result_from_output(cfg: TagJobConfig, wall_s: float, submission_id: str) ->
     """What the job committed, read back from the output store (absent when there was nothing to tag)."""
     run_id = str(cfg.run_id)
     layout = Layout(cfg.output, cfg.storage_options)
-    manifest = read_json(layout.manifest(run_id), cfg.storage_options)
+    manifest = committed_manifest(layout, run_id)
     note = f"ran as Ray job {submission_id}"
     if manifest is None:
         return RunResult(

@@ -26,7 +26,9 @@ class TagJobConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     full: bool = False  # re-tag everything, not only new/changed images
     limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
-    rows_per_shard: int = Field(default=20_000, ge=1)  # rows per part file = unit of resume
+    rows_per_shard: int = Field(default=20_000, ge=1)  # rows per data file = unit of resume
+    write_tasks: int | None = Field(default=None, ge=1)  # Ray: data files written at once at most (None: Ray's)
+    allow_task_change: bool = False  # tag an output whose table holds other tasks (adds columns; see docs)
     # ...and a part file at least this often (seconds): bounds what an interrupt loses; small runs resume too
     shard_seconds: float = Field(default=60.0, gt=0)
     price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import threading
@@ -29,10 +28,13 @@ import pyarrow as pa
 
 from catalog_tagger.errors import UserError
 from catalog_tagger.fetch import ReadLimits
+from catalog_tagger.storage import filesystem, is_local, strip
 from catalog_tagger.tag.config import TagJobConfig
+from catalog_tagger.tag.diff import Work
 from catalog_tagger.tag.predictor import FaultInjection, Predictor
 from catalog_tagger.tag.reader import DecodeStage
-from catalog_tagger.tag.sink import Sink
+from catalog_tagger.tag.sink import Sink, Totals
+from catalog_tagger.tag.writer import PartWriter
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -55,6 +57,7 @@ OBJECT_STORE_RAM_FRACTION = 0.30  # ...and at most 30% of RAM (bounded memory; R
 LOCAL_DECODE_THREADS = 1  # local executor: decode the next slice while the model runs on this one
 LOCAL_PREFETCH = 2  # slices decoded ahead of the model
 PROGRESS_LOG_S = 10.0  # how often the driver logs its rate
+WRITE_CPUS = 0.25  # a write task encodes Parquet (zstd): light next to decode, and must fit beside the actors
 
 
 @dataclass(frozen=True)
@@ -93,58 +96,78 @@ class Stages:
         }
 
 
-def execute(stages: Stages, work: pa.Table, sink: Sink, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run the decode and predict stages over ``work`` into ``sink`` (flushed at the end).
+def execute(
+    stages: Stages, work: Work, writer: PartWriter, progress: ProgressFn | None = None
+) -> tuple[dict[str, Any], Totals]:
+    """Run the decode, predict and write stages over ``work``'s files; the driver only sees counts.
 
-    Returns the resources plan recorded in the manifest (``{}`` when there was nothing to tag).
+    Returns the resources plan recorded in the manifest (``{}`` when there was nothing to tag) and the totals.
     """
-    if not work.num_rows:
-        return {}
+    totals = Totals()
+    if not work.rows:
+        return {}, totals
     cfg = stages.cfg
-    executor = choose_executor(cfg, work.num_rows)
+    executor = choose_executor(cfg, work.rows)
     log.info("run %s: %s executor", stages.run_id, executor)
-    batches: Iterable[pa.Table]
     if executor == "local":
         resources = local_resources(cfg)
+        sink = Sink(writer, cfg.rows_per_shard, cfg.shard_seconds, totals=totals)
         batches = local_batches(stages, work, threads=resources["threads"])
-        _drain(batches, sink, work.num_rows, stages.run_id, progress)
-    else:
-        started = init_ray(cfg.ray_address)
-        try:
-            ds, resources = build_dataset(stages, work)
-            batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-            _drain(batches, sink, work.num_rows, stages.run_id, progress)
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray's SIGTERM handler: stop Ray before exiting
-            if started:
-                shutdown_ray()
-            raise
-    sink.flush()
-    return resources
+        _drain(batches, sink.add, totals, work.rows, stages.run_id, progress)
+        sink.flush()
+        return resources, totals
+    started = init_ray(cfg.ray_address)
+    try:
+        ds, resources = build_dataset(stages, work, writer)
+        stats = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        _drain(stats, totals.add_stats, totals, work.rows, stages.run_id, progress)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray's SIGTERM handler: stop Ray before exiting
+        if started:
+            shutdown_ray()
+        raise
+    return resources, totals
 
 
-def _drain(batches: Iterable[pa.Table], sink: Sink, total: int, run_id: str, progress: ProgressFn | None) -> None:
-    """Hand every batch to the sink, reporting progress (and logging the rate now and then).
+def _drain(
+    batches: Iterable[pa.Table],
+    consume: Callable[[pa.Table], object],
+    totals: Totals,
+    total: int,
+    run_id: str,
+    progress: ProgressFn | None,
+) -> None:
+    """Hand every batch to ``consume`` (which updates ``totals``), reporting progress and logging the rate.
 
     The batch iterator is closed on the way out, so that an interrupt stops its producers (Ray Data's executor,
     the local decode thread) before anything else happens.
     """
     t0 = last_log = time.perf_counter()
-    processed = 0
     it = iter(batches)
     try:
         for batch in it:
-            sink.add(batch)
-            processed += batch.num_rows
+            consume(batch)
+            done = totals.done + totals.duplicates
             if progress is not None:
-                progress(min(processed, total), total)
+                progress(min(done, total), total)
             if time.perf_counter() - last_log > PROGRESS_LOG_S:
-                rate = processed / (time.perf_counter() - t0)
-                log.info("run %s: %d/%d images (%.1f img/s)", run_id, processed, total, rate)
+                rate = done / (time.perf_counter() - t0)
+                log.info("run %s: %d/%d images (%.1f img/s)", run_id, done, total, rate)
                 last_log = time.perf_counter()
     finally:
         close = getattr(it, "close", None)
         if close is not None:
             close()
+
+
+def work_batches(work: Work, storage_options: dict[str, Any] | None, rows: int) -> Iterator[pa.Table]:
+    """The work files' rows, ``rows`` at a time, read file by file (never the whole list at once)."""
+    import pyarrow.parquet as pq
+
+    for uri in work.files:
+        fs = filesystem(uri, storage_options)
+        with fs.open(strip(uri), "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=rows):
+                yield pa.Table.from_batches([batch])
 
 
 # --------------------------------------------------------------------------------------------- the choice
@@ -186,7 +209,7 @@ def local_resources(cfg: TagJobConfig) -> dict[str, Any]:
     return {"executor": "local", "actors": 1, "num_gpus": 1 if cuda else 0, "threads": threads}
 
 
-def local_batches(stages: Stages, work: pa.Table, *, threads: int) -> Iterator[pa.Table]:
+def local_batches(stages: Stages, work: Work, *, threads: int) -> Iterator[pa.Table]:
     """The Ray pipeline's stages in this process: decode slices on a thread, ahead of one Predictor."""
     import torch
 
@@ -198,23 +221,23 @@ def local_batches(stages: Stages, work: pa.Table, *, threads: int) -> Iterator[p
     try:
         kwargs = stages.predictor_kwargs(device=cfg.device, threads=threads, faults=faults)
         predictor = Predictor(cfg.model, **kwargs)
-        yield from _prefetched(stages.decode(), work, cfg.batch_size, predictor)
+        slices = work_batches(work, cfg.storage_options, cfg.batch_size)
+        yield from _prefetched(stages.decode(), slices, predictor)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _prefetched(decode: DecodeStage, work: pa.Table, step: int, predictor: Predictor) -> Iterator[pa.Table]:
+def _prefetched(decode: DecodeStage, slices: Iterator[pa.Table], predictor: Predictor) -> Iterator[pa.Table]:
     """Predict slice after slice while the next ``LOCAL_PREFETCH`` slices are read and decoded."""
-    starts = iter(range(0, work.num_rows, step))
     with ThreadPoolExecutor(max_workers=LOCAL_DECODE_THREADS, thread_name_prefix="decode") as pool:
         ahead: deque[Future[dict[str, np.ndarray]]] = deque()
 
         def fill() -> None:
             while len(ahead) < LOCAL_PREFETCH:
-                start = next(starts, None)
-                if start is None:
+                piece = next(slices, None)
+                if piece is None:
                     return
-                ahead.append(pool.submit(decode, work.slice(start, step)))
+                ahead.append(pool.submit(decode, piece))
 
         try:
             fill()
@@ -327,6 +350,9 @@ def plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
         return {
             "executor": "ray",
             "actors": actors,
+            # Without --actors the pool starts once one GPU is free and grows to every GPU the cluster has
+            # (Ray autoscales an actor pool between its min and max size).
+            "min_actors": actors if cfg.actors else 1,
             "num_gpus": 1,
             "num_cpus": 1,
             "threads": None,
@@ -341,6 +367,7 @@ def plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
     return {
         "executor": "ray",
         "actors": actors,
+        "min_actors": actors,
         "num_gpus": 0,
         "num_cpus": per_actor if cpus - reserve >= actors else max(0.25, (cpus - reserve) / actors),
         "threads": int(cpus) if cpus <= 2 else per_actor,
@@ -348,31 +375,52 @@ def plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
     }
 
 
-def build_dataset(stages: Stages, work: pa.Table) -> tuple[Dataset, dict[str, Any]]:
-    """The Ray Data pipeline: work slices -> decode tasks -> an actor pool of Predictors; and its plan."""
+def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Dataset, dict[str, Any]]:
+    """The Ray Data pipeline: work files -> decode tasks -> an actor pool of Predictors -> write tasks; and its plan.
+
+    Its output is one stats row per data file written (``writer.STATS_SCHEMA``): no predicted row reaches the driver.
+    """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     plan = plan_resources(stages.cfg)
-    block_rows = max(1, min(stages.cfg.batch_size, math.ceil(work.num_rows / 4)))
-    # One block per slice, made on the driver: a repartition is an all-to-all task that needs a whole CPU,
-    # which a cluster of 1-CPU nodes running the actor pool may never have free.
-    ds: Dataset = ray.data.from_arrow([work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)])
+    cfg = stages.cfg
+    ds: Dataset = ray.data.read_parquet(
+        [strip(f) for f in work.files], filesystem=_arrow_fs(work.files[0], cfg.storage_options), partitioning=None
+    )
     with warnings.catch_warnings():
         # Ray 2.60 flags every extra remote arg (max_restarts...) as deprecated, with no named replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(
             stages.decode(),
             batch_format="pyarrow",
-            batch_size=block_rows,
+            batch_size=cfg.batch_size,
             num_cpus=plan["decode_cpus"],
             zero_copy_batch=True,
             max_retries=DECODE_MAX_RETRIES,
         )
         ds = _predict(ds, stages, plan)
+        ds = ds.map_batches(
+            writer,
+            batch_format="pyarrow",
+            batch_size=cfg.rows_per_shard,
+            num_cpus=WRITE_CPUS,
+            concurrency=cfg.write_tasks,
+            max_retries=DECODE_MAX_RETRIES,
+        )
+    plan["write_tasks"] = cfg.write_tasks
     return ds, plan
+
+
+def _arrow_fs(uri: str, storage_options: dict[str, Any] | None) -> Any:
+    """The pyarrow filesystem Ray's readers use for the work files (None for local paths)."""
+    if is_local(uri):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(filesystem(uri, storage_options)))
 
 
 def _predict(ds: Dataset, stages: Stages, plan: dict[str, Any]) -> Dataset:
@@ -387,7 +435,7 @@ def _predict(ds: Dataset, stages: Stages, plan: dict[str, Any]) -> Dataset:
         fn_constructor_kwargs={"model_uri": stages.cfg.model, **kwargs},
         batch_format="numpy",
         batch_size=stages.cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["actors"]),
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
         zero_copy_batch=True,

@@ -13,19 +13,25 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalog_tagger.accounting import compute_savings
 from catalog_tagger.model.artifact import ModelCard, load_card
 from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, RunCounts, RunManifest, RunTimings
-from catalog_tagger.storage import is_local, redact
-from catalog_tagger.tag import commit, lock
+from catalog_tagger.storage import is_local, is_storage_error, redact
+from catalog_tagger.tag import commit, delta, latest, lock, migrate, writer
 from catalog_tagger.tag.checks import validate
-from catalog_tagger.tag.commit import Layout, Shard
+from catalog_tagger.tag.commit import Layout
 from catalog_tagger.tag.config import TagJobConfig
+from catalog_tagger.tag.dedup import Dropped, drop_duplicates
 from catalog_tagger.tag.executors import ProgressFn, Stages, execute
-from catalog_tagger.tag.plan import RunPlan, drop_committed_meanwhile, plan_run
-from catalog_tagger.tag.sink import Sink
+from catalog_tagger.tag.plan import RunPlan, plan_run
+from catalog_tagger.tag.sink import Totals
+from catalog_tagger.tag.writer import PartWriter
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from deltalake import DeltaTable
 
 __all__ = ["ProgressFn", "RunResult", "TagJobConfig", "new_run_id", "run", "validate"]
 
@@ -93,43 +99,48 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     card = load_card(cfg.model)
     layout = Layout(cfg.output, cfg.storage_options)
     run_id = cfg.run_id or new_run_id()
+    migrate.refuse_old_layout(cfg.output, cfg.storage_options)
     _clear_leftovers(layout)
-    earlier = _committed_earlier(layout, run_id, cfg.output)
+    with commit.output_errors(run_id, cfg.output):
+        history, schema = _history(cfg, card, layout)
+        earlier = delta.find_run(history, run_id)
+        latest.catch_up(cfg.output, cfg.storage_options)  # the diff reads latest: merge what a crash left out
     if earlier is not None:
-        wall_s = time.perf_counter() - t_start
-        return RunResult.from_manifest(earlier, output=cfg.output, wall_s=wall_s, notes=[ALREADY_COMMITTED])
-
-    planned = plan_run(cfg, layout, run_id, card.version)
-    resumed = set(planned.work.resumed_uris)
-    sink = Sink(layout, run_id, cfg.rows_per_shard, cfg.shard_seconds, seen=resumed, index=planned.next_index)
+        log.info("run %s is already committed; nothing to do", run_id)
+        return _already(earlier.manifest, cfg, t_start)
+    planned = plan_run(cfg, layout, run_id, card.version, history.version())
+    part_writer = PartWriter(
+        cfg.output, run_id, planned.state["run_date"], cfg.storage_options, delta.file_schema(schema)
+    )
     t_pipe = time.perf_counter()
     stages = Stages(cfg, run_id, planned.tagged_at, card.image_size, credentials=planned.listing.credentials)
-    resources = execute(stages, planned.work.table, sink, progress)
-    attempt = _Attempt(t_start, time.perf_counter() - t_pipe, sink, resources)
-    return _commit(cfg, card, planned, attempt)
+    with commit.output_errors(run_id, cfg.output):
+        resources, totals = execute(stages, planned.work, part_writer, progress)
+    attempt = _Attempt(t_start, time.perf_counter() - t_pipe, totals, resources)
+    return _commit(cfg, card, planned, attempt, part_writer, schema)
+
+
+def _already(manifest: dict[str, Any], cfg: TagJobConfig, t_start: float) -> RunResult:
+    """The result of a run id that is committed already: nothing done, nothing committed twice."""
+    wall_s = time.perf_counter() - t_start
+    return RunResult.from_manifest(manifest, output=cfg.output, wall_s=wall_s, notes=[ALREADY_COMMITTED])
+
+
+def _history(cfg: TagJobConfig, card: ModelCard, layout: Layout) -> tuple[DeltaTable, pa.Schema]:
+    """The history table (created on the first run) and the schema this run commits with: a model whose tasks
+    differ from the table's is refused unless ``allow_task_change`` (``delta.refuse_task_change``)."""
+    want = delta.predictions_schema(card.task_config(), card.embedding_dim)
+    if layout.history() is None:  # first use of this output: can the store commit safely?
+        delta.require_conditional_put(cfg.output, cfg.storage_options)
+    table = delta.ensure_table(layout.table_uri(), want, layout.delta_options(), partition_by=[delta.PARTITION])
+    schema = delta.refuse_task_change(table, want, allow=cfg.allow_task_change, what=f"output {redact(cfg.output)}")
+    return table, schema
 
 
 def _clear_leftovers(layout: Layout) -> None:
-    """What runs stopped after their manifest left behind: their staging folders and a dead commit lock."""
+    """What runs stopped after their commit left behind: their staging folders and a dead commit lock."""
     commit.clear_committed_staging(layout)
     lock.clear_stale_lock(layout)
-
-
-def _committed_earlier(layout: Layout, run_id: str, output: str) -> dict[str, Any] | None:
-    """The manifest of ``run_id`` if an earlier attempt committed it, finishing an interrupted commit first."""
-    existing = commit.read_json(layout.manifest(run_id), layout.storage_options)
-    if existing is not None:
-        log.info("run %s is already committed; nothing to do", run_id)
-        return existing
-    if not commit.pending_commit(layout, run_id):
-        return None
-    log.info("run %s: finishing an interrupted commit", run_id)
-    with commit.output_errors(run_id, output), lock.commit_lock(layout, run_id) as held:
-        manifest = commit.read_json(layout.manifest(run_id), layout.storage_options)
-        if manifest is None:
-            manifest = commit.finish_commit(layout, run_id, heartbeat=held.refresh)
-    commit.clear_committed_staging(layout, [run_id])
-    return manifest
 
 
 @dataclass(frozen=True)
@@ -137,42 +148,63 @@ class _Attempt:
     """What this attempt's pipeline did."""
 
     start: float  # perf_counter at the start of run()
-    pipeline_s: float  # read + decode + predict + stage
-    sink: Sink
+    pipeline_s: float  # read + decode + predict + write
+    totals: Totals
     resources: dict[str, Any]  # the executor's plan
 
     def wall_s(self) -> float:
         return time.perf_counter() - self.start
 
 
-def _commit(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _Attempt) -> RunResult:
-    """Under the output's commit lock: drop what concurrent runs committed meanwhile, then publish the rest."""
+def _commit(
+    cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _Attempt, part_writer: PartWriter, schema: pa.Schema
+) -> RunResult:
+    """Under the output's commit lock: drop what was committed meanwhile or written twice, then ONE Delta commit."""
     layout, run_id = planned.layout, planned.run_id
-    shards = planned.done + attempt.sink.shards
-    if not shards:
-        listed = planned.listing.table.num_rows
-        msg = "nothing to do: no new or changed images" if listed else "nothing to do: the source has no images"
+    files = writer.staged_files(cfg.output, run_id, cfg.storage_options)
+    if not files:
+        msg = "nothing to do: no new or changed images" if planned.listed else "nothing to do: the source has no images"
         return _nothing(cfg, planned, attempt, msg)
     with commit.output_errors(run_id, cfg.output), lock.commit_lock(layout, run_id) as held:
+        table = layout.history()
+        assert table is not None  # created before planning
         # Under the lock: another process may have committed this very run id, or other runs the same images.
-        already = commit.read_json(layout.manifest(run_id), cfg.storage_options)
+        already = delta.find_run(table, run_id)
         if already is not None:
             log.warning("run %s was committed by another process meanwhile; not committing it twice", run_id)
             wall_s = attempt.wall_s()
-            return RunResult.from_manifest(already, output=cfg.output, wall_s=wall_s, notes=[ALREADY_COMMITTED])
-        shards, dropped, meanwhile = drop_committed_meanwhile(layout, run_id, planned.state, card.version, shards)
-        if meanwhile and dropped:
-            planned.notes.append(
-                f"concurrent runs: {dropped} image(s) were committed meanwhile by run(s) {', '.join(meanwhile)} "
-                "with the same model and bytes; not committed twice"
+            return RunResult.from_manifest(
+                already.manifest, output=cfg.output, wall_s=wall_s, notes=[ALREADY_COMMITTED]
             )
-        if not shards:
-            msg = f"nothing to commit: every tagged image was committed meanwhile by {', '.join(meanwhile)}"
+        dropped = drop_duplicates(
+            part_writer, table, files, known_version=int(planned.state["known_version"]), model_version=card.version
+        )
+        held.refresh()
+        if dropped.meanwhile:
+            planned.notes.append(
+                f"concurrent runs: {dropped.meanwhile} image(s) were committed meanwhile by run(s) "
+                f"{', '.join(dropped.runs)} with the same model and bytes; not committed twice"
+            )
+        if not dropped.files:
+            msg = f"nothing to commit: every tagged image was committed meanwhile by {', '.join(dropped.runs)}"
             return _nothing(cfg, planned, attempt, msg)
-        manifest = _manifest(cfg, card, planned, attempt, shards, dropped)
-        committed = commit.commit(layout, run_id, shards, manifest, heartbeat=held.refresh)
-    commit.clear_committed_staging(layout, [run_id])
+        manifest = _manifest(cfg, card, planned, attempt, dropped)
+        committed = commit.commit(layout, table, dropped.files, manifest, schema)
+    _after_commit(cfg, layout, run_id)
     return RunResult.from_manifest(committed, output=cfg.output, wall_s=attempt.wall_s())
+
+
+def _after_commit(cfg: TagJobConfig, layout: Layout, run_id: str) -> None:
+    """Derived state: ``latest`` gains the run, the staging folder goes. Both are caught up later if this fails."""
+    try:
+        latest.catch_up(cfg.output, cfg.storage_options)
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        log.warning(
+            "run %s is committed; updating latest failed (the next run or maintain catches up): %s", run_id, err
+        )
+    commit.clear_committed_staging(layout, [run_id])
 
 
 def _nothing(cfg: TagJobConfig, planned: RunPlan, attempt: _Attempt, msg: str) -> RunResult:
@@ -181,49 +213,38 @@ def _nothing(cfg: TagJobConfig, planned: RunPlan, attempt: _Attempt, msg: str) -
     log.info("run %s: %s", planned.run_id, msg)
     return RunResult(
         run_id=planned.run_id,
-        listed=planned.listing.table.num_rows,
+        listed=planned.listed,
         processed=0,
         ok=0,
         error=0,
-        unchanged=planned.work.unchanged + attempt.sink.totals.unchanged,
+        unchanged=planned.work.unchanged + attempt.totals.unchanged,
         wall_s=attempt.wall_s(),
         manifest=None,
         output=cfg.output,
         notes=[*planned.notes, msg],
-        resumed=len(planned.work.resumed_uris),
+        resumed=planned.work.resumed,
     )
 
 
-def _count(shards: list[Shard], key: str) -> int:
-    """A count summed over shard stats (the stats: a resumed run counts its earlier attempts' shards too)."""
-    return sum(int(s.stats.get(key, 0)) for s in shards)
-
-
-def _seconds(shards: list[Shard], key: str) -> float:
-    """Seconds summed over shard stats (the stats: a resumed run counts its earlier attempts' shards too)."""
-    return sum(float(s.stats.get(key, 0.0)) for s in shards)
-
-
-def _manifest(
-    cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _Attempt, shards: list[Shard], dropped: int
-) -> RunManifest:
-    """The manifest of what is about to be committed (the commit adds its files)."""
-    ok, err = _count(shards, "ok"), _count(shards, "error")
-    accel_s, decode_s = _seconds(shards, "accel_s"), _seconds(shards, "decode_s")
+def _manifest(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _Attempt, dropped: Dropped) -> RunManifest:
+    """The manifest of what is about to be committed (counts and seconds from every attempt's files)."""
+    files = dropped.files
+    ok, err = sum(f.ok for f in files), sum(f.error for f in files)
+    accel_s, decode_s = sum(f.accel_s for f in files), sum(f.decode_s for f in files)
     savings = compute_savings(
         images=ok,
         tasks=len(card.tasks),
         device="cuda" if attempt.resources.get("num_gpus") else "cpu",
         multi_s=accel_s,
-        single_s=_seconds(shards, "single_s"),
+        single_s=sum(f.single_s for f in files),
         decode_s=decode_s,
         price_per_hour=cfg.price_per_hour,
         method=("baseline-artifacts" if cfg.baseline else "calibrated") if cfg.calibrate else "none",
     )
-    work, listing, totals = planned.work, planned.listing, attempt.sink.totals
+    work, listing, totals = planned.work, planned.listing, attempt.totals
     counts = RunCounts(
-        listed=listing.table.num_rows,
-        to_tag=work.table.num_rows + len(work.resumed_uris),
+        listed=planned.listed,
+        to_tag=work.rows + work.resumed,
         unchanged=work.unchanged + totals.unchanged,
         rows=ok + err,
         ok=ok,
@@ -231,9 +252,9 @@ def _manifest(
         skipped_non_image=listing.skipped_non_image,
         duplicate_uris=listing.duplicates,
         skipped_by_reason=dict(listing.skipped),
-        retried_duplicates_dropped=totals.duplicates,
-        resumed=len(work.resumed_uris),
-        committed_meanwhile_dropped=dropped,
+        retried_duplicates_dropped=totals.duplicates + dropped.repeats,
+        resumed=work.resumed,
+        committed_meanwhile_dropped=dropped.meanwhile,
     )
     pipeline_s = attempt.pipeline_s
     timings = RunTimings(
@@ -261,4 +282,6 @@ def _manifest(
         resources=dict(attempt.resources),
         savings=savings.to_dict(),
         notes=planned.notes,
+        files=len(files),
+        bytes=sum(f.bytes for f in files),
     )

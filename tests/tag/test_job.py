@@ -14,6 +14,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 from modelkit import committed_rows
 
 from catalog_tagger.config import load_tasks
@@ -28,6 +29,7 @@ from catalog_tagger.schema import (
 )
 from catalog_tagger.synthetic.catalog import SynthConfig, generate, write_bad_images
 from catalog_tagger.tag import commit as ledger
+from catalog_tagger.tag import delta
 from catalog_tagger.tag.job import TagJobConfig, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -49,7 +51,9 @@ def model(kit):
 
 
 def visible_parquet(out: Path) -> list[Path]:
-    return sorted((out / "predictions").rglob("*.parquet")) if (out / "predictions").exists() else []
+    """The data files a reader of the history table sees: those its Delta log adds (not the folder's files)."""
+    table = ledger.Layout(str(out)).history()
+    return sorted(out / "predictions" / p for p in delta.data_files(table)) if table is not None else []
 
 
 def test_local_directory_source_one_row_per_image(catalog, model, tmp_path):
@@ -59,11 +63,14 @@ def test_local_directory_source_one_row_per_image(catalog, model, tmp_path):
     table = committed_rows(out)
     assert table.num_rows == 40
     assert sorted(table.column("uri").to_pylist()) == sorted(catalog.images)
-    # Hive layout and the manifest lists exactly the visible files
+    # one Delta commit added the run's files (partitioned by run_date), carrying the run id and its manifest
+    history = ledger.Layout(str(out)).history()
+    assert history.transaction_version(f"catalog-tagger/run/{res.run_id}") == 1
+    files = visible_parquet(out)
+    assert files and all(p.parent.name.startswith("run_date=") and res.run_id in p.name for p in files)
     manifest = json.loads((out / "runs" / f"{res.run_id}.json").read_text())
-    listed = sorted(out / f["path"] for f in manifest["files"])
-    assert listed == visible_parquet(out)
-    assert all(f"run_id={res.run_id}" in str(p) and "run_date=" in str(p) for p in listed)
+    assert manifest == ledger.committed_manifest(ledger.Layout(str(out)), res.run_id)
+    assert manifest["files"] == len(files) and manifest["bytes"] == sum(p.stat().st_size for p in files)
     assert manifest["counts"]["ok"] == 40 and manifest["model_version"] == table.column("model_version")[0].as_py()
     assert not (out / "_staging" / res.run_id).exists()
     # width/height are the originals as displayed; labels are from the task config
@@ -74,13 +81,14 @@ def test_local_directory_source_one_row_per_image(catalog, model, tmp_path):
     tasks = load_tasks(catalog.tasks_uri)
     assert set(rows["garment"]) <= set(tasks.task("garment").labels)
     assert all(set(b) <= set(tasks.task("badges").labels) for b in rows["badges"])
-    assert all(len(e) == table.schema.field("embedding").type.list_size for e in rows["embedding"])
+    assert {len(e) for e in rows["embedding"]} == {32}
 
 
 def test_golden_output_schema(catalog, model, tmp_path):
     out = tmp_path / "out"
     run(TagJobConfig(model=model, source=catalog.out + "/images", output=str(out), limit=4))
-    schema = pq.read_schema(visible_parquet(out)[0])
+    schema = ledger.Layout(str(out)).history().schema().to_arrow()
+    schema = pa.schema(schema)
     golden = [
         ("uri", "string", False),
         ("size", "int64", True),
@@ -101,12 +109,16 @@ def test_golden_output_schema(catalog, model, tmp_path):
         ("pattern_score", "float", True),
         ("badges", "list<element: string>", True),
         ("badges_scores", "list<element: float>", True),
-        ("embedding", "fixed_size_list<element: float>[32]", True),
+        ("embedding", "list<element: float>", True),  # Delta has no fixed-size list: every row holds 32
         ("tagged_at", "timestamp[us, tz=UTC]", False),
+        ("run_date", "date32[day]", True),  # the partition column
     ]
     assert [(f.name, str(f.type), f.nullable) for f in schema] == golden
-    assert schema.metadata[b"catalog_tagger.schema_version"] == b"1"
-    assert output_schema(load_tasks(catalog.tasks_uri), 32).remove_metadata() == schema.remove_metadata()
+    assert OUTPUT_SCHEMA_VERSION == 2
+    v1 = output_schema(load_tasks(catalog.tasks_uri), 32)
+    assert [f.name for f in v1] == [name for name, _, _ in golden[:-1]]
+    data_file = pq.read_schema(visible_parquet(out)[0])  # partition values live in the path, not in the file
+    assert "run_date" not in data_file.names and data_file.field("embedding").type == schema.field("embedding").type
 
 
 # The run manifest's keys (runs/<run_id>.json): readers, the docs and the `runs` view rely on them.
@@ -133,7 +145,8 @@ GOLDEN_MANIFEST_KEYS = {
         "decode_cpu_s", "decode_cpu_s_saved", "method",
     },
     "notes": None,
-    "files": {"path", "rows", "ok", "error", "bytes"},  # per file
+    "files": None,  # data files the commit added
+    "bytes": None,
     "manifest_version": None,
 }  # fmt: skip
 
@@ -148,8 +161,7 @@ def test_golden_run_manifest(catalog, model, tmp_path):
         if inner is None:
             assert not isinstance(manifest[key], dict | list) or key in ("tasks", "notes"), key
             continue
-        for value in manifest[key] if key == "files" else [manifest[key]]:
-            assert set(value) == inner, key
+        assert set(manifest[key]) == inner, key
     assert manifest["manifest_version"] == MANIFEST_VERSION and manifest["schema_version"] == OUTPUT_SCHEMA_VERSION
     assert (manifest["counts"]["resumed"], manifest["counts"]["committed_meanwhile_dropped"]) == (0, 0)
     # the model and the manifest agree, and every count and timing is a column of the `runs` view
@@ -203,13 +215,13 @@ def test_incremental_nightly(catalog, model, tmp_path):
     assert full.processed == 50
     rows = committed_rows(out)
     assert rows.num_rows == 40 + 10 + 1 + 50
-    # DuckDB reads exactly the committed files; latest per uri covers the catalog once
-    files = ledger.committed_files(ledger.Layout(out))
+    # DuckDB reads exactly the committed files (through the log); latest holds one row per image
     con = duckdb.connect()
-    n_latest = con.execute(f"SELECT count(DISTINCT uri) FROM read_parquet({files!r}) WHERE status = 'ok'").fetchall()[
-        0
-    ][0]
-    assert n_latest == 50
+    con.register("history", ledger.Layout(out).history().to_pyarrow_dataset())
+    assert con.execute("SELECT count(DISTINCT uri) FROM history WHERE status = 'ok'").fetchone()[0] == 50
+    latest = DeltaTable(str(tmp_path / "out" / "latest")).to_pyarrow_table()
+    assert latest.num_rows == 50 and len(set(latest.column("uri").to_pylist())) == 50
+    assert set(latest.column("run_id").to_pylist()) == {full.run_id}
 
 
 def test_new_model_version_retags_everything(catalog, tiny_model_factory, tmp_path):
@@ -246,11 +258,12 @@ def test_crash_before_commit_leaves_nothing_visible_and_rerun_resumes(catalog, m
 
     monkeypatch.setattr(ledger, "commit", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg)
-    assert visible_parquet(out) == []
+        run(cfg, progress=None)
+    assert visible_parquet(out) == [] and committed_rows(out).num_rows == 0
     assert not (out / "runs").exists() or list((out / "runs").iterdir()) == []
-    staged = sorted((out / "_staging" / "crashy").glob("part-*.json"))
-    assert len(staged) == 4  # 40 rows in shards of 10, each with its stats file
+    written = sorted((out / "predictions").rglob("part-crashy-*.parquet"))
+    assert len(written) == 4  # 40 rows in files of 10, written but in no commit: invisible to readers
+    assert len(sorted((out / "_staging" / "crashy" / "files").glob("*.json"))) == 4  # each with its sidecar
     monkeypatch.undo()
     res = run(cfg)
     assert res.manifest is not None and res.ok == 40
@@ -291,9 +304,10 @@ def test_s3_source_and_output_through_moto(catalog, model, s3_bucket):
     assert res.ok == 12 and res.manifest["counts"]["skipped_non_image"] == 1
     runs = fs.ls(f"{bucket}/tags/runs")
     assert len(runs) == 1
-    files = ledger.committed_files(ledger.Layout(out, opts))
-    assert all(f.startswith(f"s3://{bucket}/tags/predictions/run_date=") for f in files)
-    table = pa.concat_tables([pq.read_table(f.removeprefix("s3://"), filesystem=fs) for f in files])
+    history = ledger.Layout(out, opts).history()
+    assert history.transaction_version(f"catalog-tagger/run/{res.run_id}") == 1
+    assert all(f.startswith("run_date=") for f in delta.data_files(history))
+    table = committed_rows(out, opts)
     assert table.num_rows == 12
     assert all(u.startswith(f"s3://{bucket}/catalog/sub dir/") for u in table.column("uri").to_pylist())
     assert all(e for e in table.column("etag").to_pylist())  # S3 gives etags: the identity for the next night
