@@ -1,4 +1,4 @@
-"""SQL over an output root (DuckDB views of committed runs only) and nearest-image search over the embeddings."""
+"""SQL over an output root: DuckDB views of its Delta tables, read through their logs (committed runs only)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import logging
 import math
 from dataclasses import dataclass, fields
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
 from catalog_tagger.errors import UserError
 from catalog_tagger.schema import BASE_FIELDS, RUNS_TYPE, STATUS_OK, RunCounts, RunManifest, RunTimings
-from catalog_tagger.storage import filesystem, is_local, strip
-from catalog_tagger.tag import commit as ledger
-from catalog_tagger.tag.commit import Layout
+from catalog_tagger.storage import filesystem, is_local, redact, strip
+from catalog_tagger.tag import delta
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
+    from fsspec import AbstractFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +55,11 @@ RUNS_COLUMNS: tuple[tuple[str, tuple[str, ...], pa.DataType], ...] = (
     ("cost_saved", ("savings", "cost_saved"), pa.float64()),
     ("decode_cpu_s_saved", ("savings", "decode_cpu_s_saved"), pa.float64()),
     ("method", ("savings", "method"), pa.string()),
-    ("files", ("files",), pa.int32()),  # number of part files
-    ("bytes", ("files",), pa.int64()),  # their total size
 )
 RUNS_SCHEMA = pa.schema([pa.field(name, typ) for name, _, typ in RUNS_COLUMNS])
 
 
-# --------------------------------------------------------------------------------------------- connection
+# --------------------------------------------------------------------------------------------- runs
 def _dig(m: dict[str, Any], path: tuple[str, ...]) -> Any:
     cur: Any = m
     for key in path:
@@ -69,10 +70,6 @@ def _dig(m: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def _runs_value(m: dict[str, Any], name: str, path: tuple[str, ...], typ: pa.DataType) -> Any:
-    if name == "files":
-        return len(m.get("files") or [])
-    if name == "bytes":
-        return sum(int(f.get("bytes") or 0) for f in m.get("files") or [])
     v = _dig(m, path)
     if name == "decode_cpu_s" and v is None:
         v = _dig(m, ("savings", "decode_cpu_s"))
@@ -91,6 +88,7 @@ def runs_table(manifests: list[dict[str, Any]]) -> pa.Table:
     return pa.table(cols, schema=RUNS_SCHEMA)
 
 
+# --------------------------------------------------------------------------------------------- SQL text
 def sql_string(s: str) -> str:
     """A SQL string literal."""
     return "'" + s.replace("'", "''") + "'"
@@ -102,7 +100,7 @@ def sql_ident(name: str) -> str:
 
 
 def read_parquet_sql(files: list[str]) -> str:
-    """``read_parquet([...])`` over exactly these files, columns unified by name across runs.
+    """``read_parquet([...])`` over exactly these files, columns unified by name (new task columns).
 
     Hive partitioning is off: DuckDB would turn every ``key=value`` folder of the path into a column, including
     folders above the output root (``/data/env=prod/out``), and such a column could shadow a data column.
@@ -117,86 +115,120 @@ def read_parquet_sql(files: list[str]) -> str:
     return f"read_parquet([{listed}], union_by_name = true, hive_partitioning = false)"
 
 
+# --------------------------------------------------------------------------------------------- connection
+def _identity_fields() -> list[pa.Field]:
+    return [*BASE_FIELDS, pa.field("tagged_at", _TS)]
+
+
 def _empty_predictions() -> pa.Table:
     fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32())), pa.field("tagged_at", _TS)]
-    fields.append(pa.field("run_date", pa.date32()))
-    return pa.schema(fields).empty_table()
+    return pa.schema([*fields, pa.field(delta.PARTITION, pa.date32())]).empty_table()
+
+
+def refuse_v1(fs: AbstractFileSystem, output: str) -> None:
+    """An output in the v1 layout (run folders of Parquet parts and JSON manifests, no Delta log): refused, with
+    how to convert it. Without a ``predictions`` table, a ``runs/*.json`` can only come from v1 (v2 writes that
+    copy after a commit)."""
+    root = strip(output).rstrip("/")
+    if fs.glob(f"{root}/runs/*.json") or fs.glob(f"{root}/{delta.PREDICTIONS}/run_date=*/run_id=*"):
+        raise UserError(
+            f"{redact(output)} is in the v1 output layout (predictions/ without a Delta log): run "
+            f"`catalog-tagger migrate --output {redact(output)}` to convert it to Delta tables"
+        )
 
 
 @dataclass(frozen=True)
 class Catalog:
-    """What ``connect`` found: the connection, the committed manifests (oldest first) and their files."""
+    """What ``open_catalog`` found: the connection, the committed runs' manifests (commit order), the history
+    table (None before the first commit) and the files DuckDB reads by path (``latest``'s)."""
 
     con: duckdb.DuckDBPyConnection
     manifests: list[dict[str, Any]]
-    layout: Layout
+    output: str
+    storage_options: dict[str, Any] | None
+    history: DeltaTable | None
+    read_files: list[str]
 
     def manifest(self, run_id: str | None = None) -> dict[str, Any]:
         """One committed run's manifest; the latest committed run when ``run_id`` is None."""
         if not self.manifests:
-            raise UserError(f"no committed runs under {self.layout.output}")
+            raise UserError(f"no committed runs under {self.output}")
         if run_id is None:
             return self.manifests[-1]
         for m in self.manifests:
             if m.get("run_id") == run_id:
                 return m
         recent = ", ".join(m.get("run_id", "?") for m in self.manifests[-5:])
-        raise UserError(f"run {run_id!r} is not committed under {self.layout.output} (latest runs: {recent})")
+        raise UserError(f"run {run_id!r} is not committed under {self.output} (latest runs: {recent})")
 
-    def files(self, manifest: dict[str, Any]) -> list[str]:
-        """The absolute URIs of the part files a run's manifest lists."""
-        return [self.layout.abs(f["path"]) for f in manifest.get("files", [])]
+
+def _create_latest(con: duckdb.DuckDBPyConnection, output: str, opts: Any, runs: list[delta.CommittedRun]) -> list[str]:
+    """The ``latest`` view: ``OUT/latest``'s ok rows, with ``run_date`` from ``runs``; returns the files it reads.
+
+    DuckDB reads its files itself, listed by the table's log: MERGE writes them with string-view types in their
+    Arrow schema, which pyarrow's dataset filters cannot compare with plain strings (a registered dataset would
+    fail on ``WHERE garment = 'x'``); the table is small (no embedding) and has few files.
+    """
+    table = delta.open_table(delta.table_uri(output, delta.LATEST), opts)
+    if runs and (table is None or table.transaction_version(delta.LATEST_APP + runs[-1].run_id) is None):
+        log.warning(
+            "latest does not hold run %s yet (it is merged after each commit); the next run or "
+            "`catalog-tagger maintain --output %s` catches it up",
+            runs[-1].run_id,
+            redact(output),
+        )
+    files = [] if table is None else list(table.file_uris())
+    if files:
+        source = read_parquet_sql(files)
+    else:
+        con.from_arrow(pa.schema(_identity_fields()).empty_table()).create("_latest_empty")
+        source = "_latest_empty"
+    con.execute(
+        f"CREATE VIEW latest AS SELECT l.*, r.run_date FROM {source} AS l "
+        "LEFT JOIN (SELECT run_id AS _rid, run_date FROM runs) AS r ON l.run_id = r._rid "
+        f"WHERE l.status = {sql_string(STATUS_OK)}"
+    )
+    return files
 
 
 def open_catalog(output: str, storage_options: dict[str, Any] | None = None) -> Catalog:
-    """Build the DuckDB views over ``output`` and return them with the manifests they were built from."""
-    layout = Layout(output, storage_options)
+    """Build the DuckDB views over ``output`` (see ``connect``) and return them with what they were built from."""
     fs = filesystem(output, storage_options)
     if not fs.exists(strip(output)):
         raise UserError(f"output {output!r} does not exist")
-    manifests = ledger.committed_manifests(layout)
+    opts = delta.delta_options(output, storage_options)
+    history = delta.open_table(delta.table_uri(output, delta.PREDICTIONS), opts)
+    if history is None:
+        refuse_v1(fs, output)
+    runs = [] if history is None else delta.all_runs(history)
     con = duckdb.connect()
     if not is_local(output):
-        # DuckDB reads remote files through the same fsspec filesystem (and credentials) as the job.
+        # DuckDB reads latest's files through the same fsspec filesystem (and credentials) as the job.
         con.register_filesystem(fs)
-    con.from_arrow(runs_table(manifests)).create("runs")
-    files = [layout.abs(f["path"]) for m in manifests for f in m.get("files", [])]
-    if files:
-        # run_date (the partition, not a column of the files) comes from the manifests, the source of truth.
-        try:
-            con.execute(
-                f"CREATE VIEW predictions AS SELECT p.*, r.run_date FROM {read_parquet_sql(files)} AS p "
-                "LEFT JOIN (SELECT run_id AS _rid, run_date FROM runs) AS r ON p.run_id = r._rid"
-            )
-        except duckdb.Error as err:
-            con.close()
-            raise UserError(
-                f"cannot read the files committed under {output} ({err}); a run's files were deleted or moved "
-                "without its manifest: remove runs/<run_id>.json first when dropping a run"
-            ) from None
-    else:
-        log.warning("no committed runs under %s: the views are empty", output)
+    con.from_arrow(runs_table([r.manifest for r in runs])).create("runs")
+    if history is None:
+        log.warning("no committed runs under %s: the views are empty", redact(output))
         con.from_arrow(_empty_predictions()).create("predictions")
-    # Latest ok row per uri: the newest tagging, ties (same start second) broken by the run that finished last.
-    con.execute(
-        f"""
-        CREATE VIEW latest AS
-        SELECT p.* FROM predictions AS p
-        LEFT JOIN (SELECT run_id AS _rid, finished_at AS _fin FROM runs) AS r ON p.run_id = r._rid
-        WHERE p.status = {sql_string(STATUS_OK)}
-        QUALIFY row_number() OVER (PARTITION BY p.uri ORDER BY p.tagged_at DESC, r._fin DESC NULLS LAST,
-                                   p.run_id DESC) = 1
-        """
-    )
-    log.debug("query views over %s: %d run(s), %d file(s)", output, len(manifests), len(files))
-    return Catalog(con=con, manifests=manifests, layout=layout)
+    else:
+        con.register("predictions", delta.dataset(history))
+    try:
+        files = _create_latest(con, output, opts, runs)
+    except duckdb.Error as err:
+        con.close()
+        raise UserError(
+            f"cannot read the latest table of {redact(output)} ({err}): run `catalog-tagger maintain`"
+        ) from None
+    log.debug("query views over %s: %d run(s)", redact(output), len(runs))
+    manifests = [r.manifest for r in runs]
+    return Catalog(con, manifests, output, storage_options, history, files)
 
 
 def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``predictions``, ``latest`` and ``runs`` over ``output``.
 
-    Only files listed in committed run manifests are read (never a glob of the predictions folder), so a
-    crashed or uncommitted run is invisible. An output with no committed runs gives empty views.
+    Every table is read through its Delta log (never a glob of the folder), so a crashed or uncommitted run, a
+    staging folder or a file compaction replaced is invisible. An output with no committed runs gives empty views;
+    one in the v1 layout is refused (``catalog-tagger migrate`` converts it).
     """
     return open_catalog(output, storage_options).con
 
@@ -210,10 +242,11 @@ _LOCKED_STATEMENTS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "CALL", "SET", "V
 
 def lock_down(cat: Catalog) -> None:
     """Turn DuckDB's external access off (``read_csv('/proc/self/environ')``, ``COPY ... TO``, ``INSTALL`` fail)
-    but for the committed files the views read lazily, and lock the configuration so SQL cannot undo it."""
-    allowed = {f for m in cat.manifests for f in cat.files(m)}
-    if not is_local(cat.layout.output):  # DuckDB names a registered filesystem's files as fsspec's glob does
-        fs = cat.layout.fs()
+    but for the files the ``latest`` view reads lazily, and lock the configuration so SQL cannot undo it.
+    ``predictions`` is a registered Arrow dataset: DuckDB scans it without any file access of its own."""
+    allowed = set(cat.read_files)
+    if not is_local(cat.output):  # DuckDB names a registered filesystem's files as fsspec's glob does
+        fs = filesystem(cat.output, cat.storage_options)
         allowed |= {fs.unstrip_protocol(fs._strip_protocol(f)) for f in allowed}
     cat.con.execute(f"SET allowed_paths = [{', '.join(sql_string(f) for f in sorted(allowed))}]")
     cat.con.execute("SET enable_external_access = false")

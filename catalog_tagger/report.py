@@ -1,4 +1,5 @@
-"""The HTML run report: gather one committed run (SQL over its files, thumbnails) and write its page."""
+"""The HTML run report: gather one committed run (SQL over its rows in the history table, thumbnails) and write
+its page."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ import io
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_tagger.decode import load_rgb
 from catalog_tagger.errors import UserError
 from catalog_tagger.fetch import read_bounded
 from catalog_tagger.kinds import KINDS
-from catalog_tagger.query import Catalog, open_catalog, read_parquet_sql, run_sql, sql_ident, sql_string
+from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
 from catalog_tagger.report_html import Card, ReportData, TaskInfo, render_html
 from catalog_tagger.schema import STATUS_ERROR, STATUS_OK
-from catalog_tagger.storage import filesystem, join, protocol_of, strip, write_bytes_atomic
+from catalog_tagger.storage import join, protocol_of, write_bytes_atomic
+from catalog_tagger.tag import delta
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +32,22 @@ MAX_ERROR_ROWS = 1000  # error rows listed on the page (the total is always show
 _THUMB_WORKERS = 8  # thumbnails are object-store reads: I/O bound
 
 
-def _tasks_metadata(cat: Catalog, files: list[str]) -> dict[str, Any]:
-    """Task name -> its kind and full label list, as the job wrote them into the Parquet schema metadata."""
-    if not files:
+def _tasks_metadata(cat: Catalog, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Task name -> its kind and full label list, as the job wrote them into a data file's schema metadata (the
+    footer of one file of the run's partition; none when the files carry no such metadata)."""
+    if cat.history is None or not manifest.get("run_date"):
         return {}
-    fs = filesystem(files[0], cat.layout.storage_options)
+    ds = delta.dataset(cat.history)
+    day = pc.field(delta.PARTITION) == pa.scalar(date.fromisoformat(manifest["run_date"]))
+    frags = list(ds.get_fragments(filter=day))
+    frags = [f for f in frags if f"part-{manifest['run_id']}-" in f.path] or frags
+    if not frags:
+        return {}
     try:
-        with fs.open(strip(files[0]), "rb") as fh:
-            raw = (pq.read_schema(fh).metadata or {}).get(b"catalog_tagger.tasks")
+        raw = (frags[0].physical_schema.metadata or {}).get(b"catalog_tagger.tasks")
         return {t["name"]: t for t in json.loads(raw)["tasks"]} if raw else {}
     except (OSError, ValueError, KeyError) as err:
-        log.warning("cannot read task metadata from %s: %s", files[0], err)
+        log.warning("cannot read task metadata from %s: %s", frags[0].path, err)
         return {}
 
 
@@ -47,12 +56,12 @@ def _labels_sql(name: str, multi: bool) -> str:
     return sql_ident(name) if multi else f"[{sql_ident(name)}]"
 
 
-def _task_infos(cat: Catalog, manifest: dict[str, Any], files: list[str]) -> list[TaskInfo]:
+def _task_infos(cat: Catalog, manifest: dict[str, Any]) -> list[TaskInfo]:
     """Tasks with kinds and full label lists, from the Parquet schema metadata (falls back to observed labels).
 
     The SQL follows each label column's shape in the files (a list or one value), so it holds for any kind.
     """
-    meta = _tasks_metadata(cat, files)
+    meta = _tasks_metadata(cat, manifest)
     cols = {row[0]: row[1] for row in cat.con.sql("DESCRIBE run_rows").fetchall()}
     out = []
     for name in manifest.get("tasks") or []:
@@ -137,6 +146,16 @@ def _cards(cat: Catalog, tasks: list[TaskInfo], sample: int, storage_options: di
     return cards
 
 
+def _run_rows(cat: Catalog, manifest: dict[str, Any]) -> None:
+    """The temporary view ``run_rows``: the run's rows of the history, its partition the only one read."""
+    where = f"run_id = {sql_string(manifest['run_id'])}"
+    if manifest.get("run_date"):
+        where = f"{delta.PARTITION} = DATE {sql_string(manifest['run_date'])} AND {where}"
+    cat.con.execute(f"CREATE TEMP VIEW run_rows AS SELECT * FROM predictions WHERE {where}")
+    if not run_sql(cat.con, "SELECT count(*) AS n FROM run_rows").column("n")[0].as_py():
+        raise UserError(f"run {manifest['run_id']} committed no rows: nothing to report")
+
+
 def gather(
     output: str,
     run_id: str | None = None,
@@ -148,11 +167,8 @@ def gather(
     cat = open_catalog(output, storage_options)
     try:
         manifest = cat.manifest(run_id)
-        files = cat.files(manifest)
-        if not files:
-            raise UserError(f"run {manifest['run_id']} committed no files: nothing to report")
-        cat.con.execute(f"CREATE TEMP VIEW run_rows AS SELECT * FROM {read_parquet_sql(files)}")
-        tasks = _task_infos(cat, manifest, files)
+        _run_rows(cat, manifest)
+        tasks = _task_infos(cat, manifest)
         counts = run_sql(
             cat.con, "SELECT count(*) FILTER (status = ?) AS ok, count(*) FILTER (status = ?) AS err FROM run_rows",
             [STATUS_OK, STATUS_ERROR],

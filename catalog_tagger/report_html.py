@@ -217,7 +217,7 @@ def render_html(data: ReportData) -> str:
             _gallery_section(data),
             _errors_section(data),
             f'<p class="note">Generated {esc(datetime.now(UTC).isoformat(timespec="seconds"))} by catalog-tagger '
-            f"from runs/{esc(m.get('run_id'))}.json; only files listed in that manifest were read.</p>",
+            f"from the Delta commit of run {esc(m.get('run_id'))}; only rows that commit added were read.</p>",
             "</main>",
         ]
     )

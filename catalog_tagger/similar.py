@@ -1,4 +1,5 @@
-"""Nearest images by the shared embedding: ``similar`` over the ``latest`` view of one model version."""
+"""Nearest images by the shared embedding: ``similar`` over the ``latest`` rows of one model version, their
+embeddings read from the history (``latest`` holds none)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_tagger.errors import UserError
-from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident
+from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
+from catalog_tagger.schema import STATUS_OK
 
 
 def _label_columns(cat: Catalog, model_version: str) -> list[str]:
@@ -18,8 +20,34 @@ def _label_columns(cat: Catalog, model_version: str) -> list[str]:
     for m in cat.manifests:
         if m.get("model_version") == model_version:
             tasks = list(m.get("tasks") or [])
-    present = set(cat.con.sql("SELECT * FROM predictions LIMIT 0").columns)
+    present = set(cat.con.sql("SELECT * FROM latest LIMIT 0").columns)
     return [t for t in tasks if t in present]
+
+
+def _rows(cat: Catalog, version: str, labels: list[str]) -> pa.Table:
+    """``uri``, ``embedding`` and the label columns of every ``latest`` row of model ``version``.
+
+    The embedding is the one of the same row in the history (same uri and run). The history scan is pruned to the
+    partitions (``run_date``) and runs those rows come from, filters the dataset applies before reading a file.
+    """
+    found = run_sql(
+        cat.con, "SELECT list(DISTINCT run_id) AS ids, list(DISTINCT run_date) AS dates FROM latest "
+        "WHERE model_version = ?", [version],
+    ).to_pylist()[0]  # fmt: skip
+    ids, dates = found["ids"] or [], [d for d in found["dates"] or [] if d is not None]
+    in_dates = f"p.run_date IN ({', '.join(f'DATE {sql_string(d.isoformat())}' for d in dates)}) AND " if dates else ""
+    cols = ", ".join(["l.uri", "p.embedding", *(f"l.{sql_ident(t)}" for t in labels)])
+    return run_sql(
+        cat.con,
+        f"""
+        SELECT {cols} FROM latest AS l JOIN predictions AS p ON p.uri = l.uri AND p.run_id = l.run_id
+        WHERE {in_dates}p.run_id IN ({", ".join(sql_string(i) for i in ids) or "NULL"})
+          AND p.model_version = ? AND p.status = {sql_string(STATUS_OK)} AND l.model_version = ?
+        QUALIFY row_number() OVER (PARTITION BY l.uri ORDER BY p.tagged_at DESC) = 1
+        ORDER BY l.uri
+        """,
+        [version, version],
+    )
 
 
 def _embed_image(image: str, model_uri: str, model_version: str, storage_options: dict[str, Any] | None) -> np.ndarray:
@@ -93,8 +121,9 @@ def similar(
             version = latest["model_version"]
             query_vec = _embed_image(image, model or latest["model"], version, storage_options)
         labels = _label_columns(cat, version)
-        cols = ", ".join(["uri", "embedding", *(sql_ident(t) for t in labels)])
-        rows = run_sql(cat.con, f"SELECT {cols} FROM latest WHERE model_version = ? ORDER BY uri", [version])
+        rows = _rows(cat, version, labels)
+        if rows.num_rows == 0 or (uri is not None and uri not in rows.column("uri").to_pylist()):
+            raise UserError(f"the history of {output} has no embedding for the latest rows of model {version}")
     finally:
         cat.con.close()
     return _nearest(rows, labels, version, uri, query_vec, k)

@@ -10,16 +10,13 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from modelkit import centred_model
+from modelkit import centred_model, committed_rows
 
 from catalog_tagger.accounting import compute_savings
 from catalog_tagger.render import SAVINGS_FIELDS, savings_rows
 from catalog_tagger.report import render_report, write_report
 from catalog_tagger.synthetic.catalog import SynthConfig, generate
-from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag.job import TagJobConfig, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -48,8 +45,7 @@ def tagged(tmp_path_factory):
     model = centred_model(cat.tasks_uri, cat.images, root / "model")
     out = root / "out"
     res = run(TagJobConfig(model=model, source=str(images), output=str(out), batch_size=16))
-    files = ledger.committed_files(ledger.Layout(str(out)))
-    rows = pa.concat_tables([pq.read_table(f) for f in files])
+    rows = committed_rows(out)
     html_path = Path(write_report(str(out)))
     return SimpleNamespace(root=root, out=str(out), manifest=res.manifest, rows=rows, html=html_path)
 
