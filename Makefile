@@ -44,6 +44,7 @@ deploy-local: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+	$(PY) -m bench.latest_merge
 
 clean:
 	rm -rf demo-out .pytest_cache bench/results

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from catalog_tagger import cli_output
 from catalog_tagger.errors import UserError
 from catalog_tagger.interrupts import EXIT_INTERRUPTED, EXIT_TRANSIENT, resumable_on_interrupt
 
@@ -360,6 +361,9 @@ def demo(
     from flows.demo import run_demo
 
     run_demo(out, images=images, console=console)
+
+
+cli_output.register(app)  # maintain, migrate
 
 
 # typer 0.29 (pinned in pyproject) vendors click: its usage errors are typer.TyperException subclasses with show()

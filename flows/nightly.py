@@ -2,8 +2,9 @@
 
 A flow run validates its parameters (``NightlyParams``) before any task runs, derives the tagging run id from the
 flow run (so a retry of the same flow run, task-level or from the UI, resumes the staged shards of the same run),
-tags on the Ray path its ``ray_address`` selects (``catalog_tagger.tag.cluster``), writes the HTML report, and
-publishes the savings as Prefect artifacts (``flows.artifacts``). Results are never persisted: no pickles anywhere.
+tags on the Ray path its ``ray_address`` selects (``catalog_tagger.tag.cluster``), writes the HTML report,
+publishes the savings as Prefect artifacts (``flows.artifacts``), then maintains the output (``maintain``: a
+failure there is logged, never failing the night). Results are never persisted: no pickles anywhere.
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ def write_html_report(output: str, run_id: str) -> str:
     return write_report(output, run_id=run_id)
 
 
+@task(name="maintain-output", **TRANSIENT_RETRY)
+def maintain_output(output: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Catch up ``latest``, compact, vacuum after the retention and checkpoint (``catalog_tagger.tag.maintain``)."""
+    from catalog_tagger.tag.maintain import maintain
+
+    return dataclasses.asdict(maintain(output, storage_options))
+
+
+def _maintain(cfg: TagJobConfig) -> dict[str, Any] | None:
+    """Maintenance after the night's tagging: its failure is logged and never fails the tagging result."""
+    state = maintain_output(cfg.output, cfg.storage_options, return_state=True)
+    if state.is_failed():
+        get_run_logger().warning("maintenance of %s failed (tagging is committed): %s", cfg.output, state.message)
+        return None
+    return state.result()
+
+
 def _tag_and_report(kind: str, params: NightlyParams) -> dict[str, Any]:
     """The body of both flows: check, tag, report, publish the artifacts; the tasks are looked up at call time."""
     logger = get_run_logger()
@@ -71,6 +89,7 @@ def _tag_and_report(kind: str, params: NightlyParams) -> dict[str, Any]:
     result = tag_catalog(cfg)
     report_uri = write_html_report(cfg.output, run_id) if result["manifest"] is not None else None
     publish_run(kind, result, report_uri, f"{path} ({cfg.ray_address or 'local'})", scheduled_date())
+    maintained = _maintain(cfg)
     logger.info(
         "run %s: %d ok, %d errors, %d unchanged%s",
         run_id,
@@ -79,7 +98,7 @@ def _tag_and_report(kind: str, params: NightlyParams) -> dict[str, Any]:
         result["unchanged"],
         f"; report {report_uri}" if report_uri else "",
     )
-    return {**result, "report": report_uri, "ray_path": path}
+    return {**result, "report": report_uri, "ray_path": path, "maintained": maintained is not None}
 
 
 # The flows take flat parameters (``-p name=value``); ``locals()``, read first thing, is exactly those.
