@@ -44,6 +44,9 @@ LATEST_APP = "catalog-tagger/latest/"  # ... of the merge of a run into latest
 RUN_KEY = "catalog_tagger.run"  # commit metadata: the run's manifest, as JSON
 RUN_ID_KEY = "catalog_tagger.run_id"
 DESCRIPTION = f"catalog-tagger output schema v{OUTPUT_SCHEMA_VERSION}"
+# The log carries every run's manifest and id: keep its entries (one or a few per night) for ten years instead of
+# Delta's default 30 days, after which checkpoints may delete them.
+TABLE_PROPERTIES = {"delta.logRetentionDuration": "interval 3650 days"}
 EMBEDDING = "embedding"
 
 
@@ -70,8 +73,8 @@ def delta_options(output: str, storage_options: dict[str, Any] | None) -> dict[s
     endpoint = opts.get("endpoint_url") or client.get("endpoint_url")
     if endpoint:
         out["AWS_ENDPOINT_URL"] = str(endpoint)
-        if str(endpoint).startswith("http://"):
-            out["AWS_ALLOW_HTTP"] = "true"
+    if str(endpoint or os.environ.get("AWS_ENDPOINT_URL", "")).startswith("http://"):
+        out["AWS_ALLOW_HTTP"] = "true"  # a plain-HTTP endpoint (MinIO, a test server) given here or in the env
     region = client.get("region_name") or opts.get("region_name")
     if region:
         out["AWS_REGION"] = str(region)
@@ -89,7 +92,7 @@ def predictions_schema(tasks: TaskConfig, embedding_dim: int) -> pa.Schema:
     fields = [
         pa.field(EMBEDDING, pa.list_(pa.field("element", pa.float32()))) if f.name == EMBEDDING else f for f in base
     ]
-    return pa.schema([*fields, pa.field(PARTITION, pa.date32())])
+    return pa.schema([*fields, pa.field(PARTITION, pa.date32())], metadata=base.metadata)
 
 
 def latest_schema(predictions: pa.Schema) -> pa.Schema:
@@ -99,7 +102,7 @@ def latest_schema(predictions: pa.Schema) -> pa.Schema:
 
 def file_schema(predictions: pa.Schema) -> pa.Schema:
     """The columns of a data file: partition values live in the path and the log, not in the file."""
-    return pa.schema([f for f in predictions if f.name != PARTITION])
+    return pa.schema([f for f in predictions if f.name != PARTITION], metadata=predictions.metadata)
 
 
 def require_conditional_put(output: str, storage_options: dict[str, Any] | None) -> None:
@@ -129,10 +132,12 @@ def require_conditional_put(output: str, storage_options: dict[str, Any] | None)
 def open_table(uri: str, options: dict[str, str] | None) -> DeltaTable | None:
     """The Delta table at ``uri``, or None when there is none."""
     from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
 
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    try:
+        return DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
         return None
-    return DeltaTable(uri, storage_options=options)
 
 
 def ensure_table(
@@ -147,7 +152,13 @@ def ensure_table(
         return table
     try:
         return DeltaTable.create(
-            uri, schema, mode="ignore", partition_by=partition_by, description=DESCRIPTION, storage_options=options
+            uri,
+            schema,
+            mode="ignore",
+            partition_by=partition_by,
+            description=DESCRIPTION,
+            configuration=dict(TABLE_PROPERTIES),
+            storage_options=options,
         )
     except DeltaError:  # lost the race to create it
         table = open_table(uri, options)

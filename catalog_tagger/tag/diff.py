@@ -104,7 +104,9 @@ def _state_reader(state: pads.Dataset | None, model_version: str) -> pa.RecordBa
     schema = pa.schema([*LISTING_SCHEMA, ("content_hash", pa.string())])
     if state is None:
         return pa.RecordBatchReader.from_batches(schema, iter(()))
-    scanner = state.scanner(columns=STATE_COLUMNS, filter=pc.field("model_version") == model_version)
+    # cast: delta-rs MERGE writes string columns as string_view, which pyarrow cannot compare with a string
+    flt = pc.field("model_version").cast(pa.string()) == model_version
+    scanner = state.scanner(columns=STATE_COLUMNS, filter=flt)
     return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in scanner.to_batches()))
 
 

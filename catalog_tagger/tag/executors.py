@@ -409,6 +409,7 @@ def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Datas
             num_cpus=WRITE_CPUS,
             concurrency=cfg.write_tasks,
             max_retries=DECODE_MAX_RETRIES,
+            scheduling_strategy="SPREAD",  # write bandwidth from every node, not the head's alone
         )
     plan["write_tasks"] = cfg.write_tasks
     return ds, plan

@@ -109,9 +109,8 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
         log.info("run %s is already committed; nothing to do", run_id)
         return _already(earlier.manifest, cfg, t_start)
     planned = plan_run(cfg, layout, run_id, card.version, history.version())
-    part_writer = PartWriter(
-        cfg.output, run_id, planned.state["run_date"], cfg.storage_options, delta.file_schema(schema)
-    )
+    file_schema = delta.file_schema(schema).with_metadata(delta.predictions_schema(card.task_config(), 1).metadata)
+    part_writer = PartWriter(cfg.output, run_id, planned.state["run_date"], cfg.storage_options, file_schema)
     t_pipe = time.perf_counter()
     stages = Stages(cfg, run_id, planned.tagged_at, card.image_size, credentials=planned.listing.credentials)
     with commit.output_errors(run_id, cfg.output):
@@ -161,11 +160,12 @@ def _commit(
 ) -> RunResult:
     """Under the output's commit lock: drop what was committed meanwhile or written twice, then ONE Delta commit."""
     layout, run_id = planned.layout, planned.run_id
-    files = writer.staged_files(cfg.output, run_id, cfg.storage_options)
-    if not files:
+    if not writer.staged_files(cfg.output, run_id, cfg.storage_options):
         msg = "nothing to do: no new or changed images" if planned.listed else "nothing to do: the source has no images"
         return _nothing(cfg, planned, attempt, msg)
     with commit.output_errors(run_id, cfg.output), lock.commit_lock(layout, run_id) as held:
+        # Read the sidecars again under the lock: `maintain` may have unstaged an abandoned run's files.
+        files = writer.staged_files(cfg.output, run_id, cfg.storage_options)
         table = layout.history()
         assert table is not None  # created before planning
         # Under the lock: another process may have committed this very run id, or other runs the same images.
@@ -279,7 +279,7 @@ def _manifest(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _At
         tasks=[t["name"] for t in card.tasks],
         counts=counts,
         timings=timings,
-        resources=dict(attempt.resources),
+        resources={**attempt.resources, "write_nodes": sorted({f.node for f in files})},
         savings=savings.to_dict(),
         notes=planned.notes,
         files=len(files),

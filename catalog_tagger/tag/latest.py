@@ -74,9 +74,9 @@ def merge_run(history: DeltaTable, latest: DeltaTable, run_id: str) -> int:
     return rows
 
 
-def catch_up(output: str, storage_options: dict[str, Any] | None, *, runs: int | None = 20) -> list[str]:
-    """Merge every committed run not yet in ``latest`` (the last ``runs`` commits, or all with None); returns
-    the runs merged. Creates ``latest`` on first use."""
+def catch_up(output: str, storage_options: dict[str, Any] | None, *, runs: int | None = 100) -> list[str]:
+    """Merge every committed run not yet in ``latest`` (among the last ``runs`` table versions, or all with
+    None); returns the runs merged. Creates ``latest`` on first use."""
     opts = delta.delta_options(output, storage_options)
     history = delta.open_table(delta.table_uri(output, delta.PREDICTIONS), opts)
     if history is None:

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import posixpath
+import socket
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -61,6 +62,19 @@ class StagedFile:
     accel_s: float = 0.0
     single_s: float = 0.0
     decode_s: float = 0.0
+    node: str = ""  # the Ray node (else the host) that wrote it
+
+
+def _node() -> str:
+    """Where this write task runs: its Ray node id, or the host name outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return socket.gethostname()
 
 
 def staging(output: str, run_id: str) -> str:
@@ -130,6 +144,7 @@ class PartWriter:
             error=counts[STATUS_ERROR],
             bytes=buf.tell(),
             modified_ms=int(time.time() * 1000),
+            node=_node(),
             **timing,
         )
         body = json.dumps(asdict(staged), sort_keys=True).encode()

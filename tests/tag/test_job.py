@@ -138,7 +138,7 @@ GOLDEN_MANIFEST_KEYS = {
         "skipped_by_reason", "retried_duplicates_dropped", "resumed", "committed_meanwhile_dropped",
     },
     "timings": {"wall_s", "list_s", "pipeline_s", "accel_s", "decode_cpu_s", "images_per_s"},
-    "resources": {"executor", "actors", "num_gpus", "threads"},  # the local executor's plan
+    "resources": {"executor", "actors", "num_gpus", "threads", "write_nodes"},  # the local executor's plan
     "savings": {
         "images", "tasks", "device", "multi_head_accel_s", "single_task_accel_s", "multi_head_accel_hours",
         "single_task_accel_hours", "accel_hours_saved", "fraction_saved", "price_per_hour", "cost_saved",
