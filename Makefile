@@ -45,6 +45,8 @@ deploy-local: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 	$(PY) -m bench.latest_merge
+	$(PY) -m bench.plan
+	$(PY) -m bench.writer
 
 clean:
 	rm -rf demo-out .pytest_cache bench/results

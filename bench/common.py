@@ -277,13 +277,13 @@ def trained_artifact() -> str | None:
 
 # ------------------------------------------------------------------------------------------------ jobs
 def start_ray() -> float:
-    """Start the embedded local Ray like ``executors.init_ray``, but never attach to a stray ``ray start`` cluster."""
+    """Start the embedded local Ray like ``ray_runtime.init_ray``, but never attach to a stray ``ray start`` cluster."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        # address="local": executors.init_ray(None) would join any cluster found in /tmp/ray/ray_current_cluster,
+        # address="local": ray_runtime.init_ray(None) would join any cluster found in /tmp/ray/ray_current_cluster,
         # and on a shared machine that may be someone else's.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     return time.perf_counter() - t0

@@ -192,6 +192,9 @@ def tag(
         list[str] | None,
         typer.Option("--baseline", help="Your own single-task model artifact to compare against (repeat per task)."),
     ] = None,
+    plan_only: Annotated[
+        bool, typer.Option("--plan-only", help="Print listed / new / changed / unchanged and write nothing.")
+    ] = False,
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from catalog_tagger.render import render_run_summary, tag_progress
@@ -208,6 +211,15 @@ def tag(
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume
     cfg = _validated(TagJobConfig, params)
+    if plan_only:
+        from catalog_tagger.tag.plan import preview
+
+        plan = preview(cfg)
+        for name in ("listed", "new", "changed", "unchanged", "resumed"):
+            out_console.print(f"{name:<10} {getattr(plan, name):>12,}")
+        for note in plan.notes:
+            out_console.print(f"note: {note}", highlight=False)
+        return
     with resumable_on_interrupt(cfg.run_id or "", console), tag_progress(console) as progress:
         result = run(cfg, progress=progress)
     render_run_summary(result, out_console)

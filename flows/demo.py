@@ -86,7 +86,7 @@ def run_demo(out: Path, *, images: int = 600, console: Console) -> dict[str, Any
     console.rule("done")
     console.print(f"finished in {time.perf_counter() - t0:.0f}s. Outputs under {out}:")
     console.print(f"  model    {model_dir}  (model.json, model.safetensors, metrics.csv)")
-    console.print(f"  output   {output}  (predictions/run_date=*/run_id=*/part-*.parquet, runs/*.json)")
+    console.print(f"  output   {output}  (Delta tables predictions/ and latest/, runs/*.json)")
     console.print(f"  report   {report_uri}")
     console.print(
         f'  query    catalog-tagger query --output {output} "SELECT garment, count(*) FROM latest GROUP BY 1"'

@@ -16,10 +16,14 @@ Rules are deterministic (counters, not randomness), so a failing test fails the 
 from __future__ import annotations
 
 import http.client
+import json
 import logging
+import multiprocessing
+import multiprocessing.process
 import socket
 import struct
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,21 +120,29 @@ class _Server(ThreadingHTTPServer):
         log.debug("proxy: connection from %s ended with an error", client_address)
 
 
+CONTROL = "/__faultproxy__/"  # the proxy's own endpoints: state (counters as JSON), heal
+
+
 class FaultProxy:
-    """A threaded HTTP server on 127.0.0.1 that forwards to ``upstream`` unless a rule injects a fault."""
+    """An HTTP server on 127.0.0.1 that forwards to ``upstream`` unless a rule injects a fault.
+
+    It serves from a forked child process (the rules, closures included, are inherited, not pickled): delta-rs
+    holds the GIL while it waits on the network, so a server thread in the test's process would never answer it.
+    The counters (``requests``, ``by_path``, ``injected``, ``events``) and ``heal`` reach the child over HTTP.
+    """
 
     def __init__(self, upstream: str, rules: list[Rule] | None = None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.rules: list[Rule] = list(rules or [])
-        self.requests: Counter[str] = Counter()  # by method
-        self.by_path: Counter[tuple[str, str]] = Counter()  # by (method, unquoted path)
-        self.injected: Counter[tuple[str, Fault]] = Counter()  # by (method, fault)
-        self.events: list[tuple[str, str, Fault]] = []
+        self._requests: Counter[str] = Counter()  # by method
+        self._by_path: Counter[tuple[str, str]] = Counter()  # by (method, unquoted path)
+        self._injected: Counter[tuple[str, Fault]] = Counter()  # by (method, fault)
+        self._events: list[tuple[str, str, Fault]] = []
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._child: multiprocessing.process.BaseProcess | None = None
 
     @property
     def endpoint(self) -> str:
@@ -138,12 +150,56 @@ class FaultProxy:
         return f"http://{host}:{port}"
 
     def start(self) -> FaultProxy:
-        self._thread.start()
+        self._child = multiprocessing.get_context("fork").Process(target=self._server.serve_forever, daemon=True)
+        self._child.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._child is not None:
+            self._child.terminate()
+            self._child.join(timeout=10)
         self._server.server_close()
+
+    def _control(self, name: str) -> dict:
+        with urllib.request.urlopen(self.endpoint + CONTROL + name, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def heal(self) -> None:
+        """Lift every ``DenyWritesAfter`` rule (in the serving process)."""
+        self._control("heal")
+
+    @property
+    def requests(self) -> Counter[str]:
+        return Counter(self._control("state")["requests"])
+
+    @property
+    def by_path(self) -> Counter[tuple[str, str]]:
+        return Counter({(m, p): n for m, p, n in self._control("state")["by_path"]})
+
+    @property
+    def injected(self) -> Counter[tuple[str, Fault]]:
+        return Counter({(m, f): n for m, f, n in self._control("state")["injected"]})
+
+    @property
+    def events(self) -> list[tuple[str, str, Fault]]:
+        return [tuple(e) for e in self._control("state")["events"]]  # type: ignore[misc]
+
+    def state(self) -> bytes:
+        """The counters as JSON (answered by the serving process)."""
+        with self._lock:
+            return json.dumps(
+                {
+                    "requests": dict(self._requests),
+                    "by_path": [[m, p, n] for (m, p), n in self._by_path.items()],
+                    "injected": [[m, f, n] for (m, f), n in self._injected.items()],
+                    "events": self._events,
+                }
+            ).encode()
+
+    def heal_rules(self) -> None:
+        for rule in self.rules:
+            if isinstance(rule, DenyWritesAfter):
+                rule.heal()
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -153,14 +209,14 @@ class FaultProxy:
 
     def decide(self, method: str, path: str) -> Fault | None:
         with self._lock:
-            self.requests[method] += 1
-            self.by_path[(method, path)] += 1
+            self._requests[method] += 1
+            self._by_path[(method, path)] += 1
         for rule in self.rules:
             fault = rule(method, path)
             if fault is not None:
                 with self._lock:
-                    self.injected[(method, fault)] += 1
-                    self.events.append((method, path, fault))
+                    self._injected[(method, fault)] += 1
+                    self._events.append((method, path, fault))
                 return fault
         return None
 
@@ -226,6 +282,16 @@ class _Handler(BaseHTTPRequestHandler):
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._body()
         path = unquote(self.path)
+        if path.startswith(CONTROL):
+            if path == CONTROL + "heal":
+                proxy.heal_rules()
+            data = proxy.state()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         fault = proxy.decide(self.command, path)
         if fault == "reset":
             self._reset()

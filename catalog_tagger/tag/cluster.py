@@ -2,9 +2,9 @@
 
 ``ray_address`` picks the path (``ray_path``):
 
-- ``None`` / ``"local"``: Ray started in this process, sized to the machine (``executors.init_ray``).
+- ``None`` / ``"local"``: Ray started in this process, sized to the machine (``ray_runtime.init_ray``).
 - ``"auto"``, ``"ray://head:10001"``, ``"head:6379"``: this process connects to the cluster and drives the job;
-  the Ray Data pipeline runs on the cluster's nodes (``job.run`` -> ``executors.init_ray(address)``).
+  the Ray Data pipeline runs on the cluster's nodes (``job.run`` -> ``ray_runtime.init_ray(address)``).
 - ``"http(s)://head:8265"`` (the dashboard): the job is submitted through the Ray Jobs API and its driver runs
   on the cluster (``python -m catalog_tagger.cli tag ...``). This process only submits, streams the job's logs,
   maps its final status and reads the committed manifest. Storage credentials stay in the cluster's environment:

@@ -1,24 +1,25 @@
-"""How the read/decode and predict stages run: a Ray Data pipeline, or the same stages in this process.
+"""How the decode, predict and write stages run: a Ray Data pipeline, or the same stages in this process.
 
-``choose_executor`` picks one. Both feed the driver's sink batch by batch; the Ray one is at-least-once (the sink
-dedups by uri). Where the driver itself runs (here, connected to a cluster, or submitted as a Ray job) is
-``cluster.py``'s choice; ``init_ray`` starts or joins the Ray this driver uses. An interrupt (SIGINT, or SIGTERM
-turned into an exception) stops the pipeline, then shuts down a Ray this run started, before it propagates.
+``choose_executor`` picks one. The Ray pipeline reads the run's work files (``read_parquet``), decodes in tasks,
+predicts in an actor pool and writes data files in write tasks on any node; the driver only receives one stats
+row per file. The local executor runs the same stages in this process and groups rows into files with
+``sink.Sink``. Where the driver itself runs (here, connected to a cluster, or submitted as a Ray job) is
+``cluster.py``'s choice; ``ray_runtime.init_ray`` starts or joins the Ray this driver uses. An interrupt (SIGINT,
+or SIGTERM turned into an exception) stops the pipeline, then shuts down a Ray this run started, before it
+propagates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-import signal
-import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,13 +33,12 @@ from catalog_tagger.storage import filesystem, is_local, strip
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.diff import Work
 from catalog_tagger.tag.predictor import FaultInjection, Predictor
+from catalog_tagger.tag.ray_runtime import init_ray, ray_address, shutdown_ray
 from catalog_tagger.tag.reader import DecodeStage
 from catalog_tagger.tag.sink import Sink, Totals
 from catalog_tagger.tag.writer import PartWriter
 
 if TYPE_CHECKING:
-    from types import FrameType
-
     from ray.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,10 @@ ACTOR_MAX_RESTARTS = -1  # restart a dead Predictor without limit (preemptions o
 ACTOR_MAX_TASK_RETRIES = 3  # ...but retry one batch at most 3 times after its actor died
 DECODE_MAX_RETRIES = 3  # decode tasks whose worker process died
 
-OBJECT_STORE_MAX_BYTES = 2 * 1024**3  # embedded local Ray: object store at most 2 GiB...
-OBJECT_STORE_RAM_FRACTION = 0.30  # ...and at most 30% of RAM (bounded memory; Ray's own default is 30% of RAM)
 LOCAL_DECODE_THREADS = 1  # local executor: decode the next slice while the model runs on this one
 LOCAL_PREFETCH = 2  # slices decoded ahead of the model
 PROGRESS_LOG_S = 10.0  # how often the driver logs its rate
+MIN_FILES = 8  # a Ray run writes at least this many data files (when it has the rows)
 WRITE_CPUS = 0.25  # a write task encodes Parquet (zstd): light next to decode, and must fit beside the actors
 
 
@@ -171,13 +170,6 @@ def work_batches(work: Work, storage_options: dict[str, Any] | None, rows: int) 
 
 
 # --------------------------------------------------------------------------------------------- the choice
-def _ray_address(address: str | None) -> str:
-    """None/"" -> $RAY_ADDRESS when set, else "local" (never a stray ``ray start`` cluster found on disk)."""
-    if address in (None, ""):
-        return os.environ.get("RAY_ADDRESS") or "local"
-    return address
-
-
 def _cuda_visible() -> bool:
     import torch
 
@@ -188,7 +180,7 @@ def choose_executor(cfg: TagJobConfig, work_rows: int) -> Literal["ray", "local"
     """``auto``: in-process for small runs on the embedded default, Ray Data for clusters, GPUs and big runs."""
     if cfg.executor != "auto":
         return cfg.executor
-    if _ray_address(cfg.ray_address) != "local" or work_rows > cfg.local_max_images or cfg.device == "cuda":
+    if ray_address(cfg.ray_address) != "local" or work_rows > cfg.local_max_images or cfg.device == "cuda":
         return "ray"
     if cfg.device != "cpu" and _cuda_visible():
         return "ray"
@@ -251,91 +243,6 @@ def _prefetched(decode: DecodeStage, slices: Iterator[pa.Table], predictor: Pred
 
 
 # --------------------------------------------------------------------------------------------- Ray executor
-def _object_store_bytes() -> int:
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return OBJECT_STORE_MAX_BYTES
-    return int(min(OBJECT_STORE_MAX_BYTES, OBJECT_STORE_RAM_FRACTION * ram))
-
-
-@contextmanager
-def _signals_held() -> Iterator[list[int]]:
-    """Record SIGINT and SIGTERM instead of acting on them during the block (main thread only; elsewhere Python
-    delivers no signals), then put the handlers back. A Ctrl-C inside Ray's start-up or shut-down has ended in a
-    segfault. ``ray.init`` also installs its own SIGTERM handler (``sys.exit``): it is kept only where no handler
-    was set before (a caller's own handler, such as the CLI's, wins)."""
-    held: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
-
-    def hold(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - the signal handler signature
-        held.append(signum)
-
-    before = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield held
-    finally:
-        for sig, handler in before.items():
-            if handler in (signal.SIG_DFL, None) and signal.getsignal(sig) is not hold:
-                continue  # Ray installed one where there was none: keep it
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-def init_ray(address: str | None) -> bool:
-    """Connect to a cluster, or start the embedded local Ray sized to this machine (reused when running).
-
-    ``None`` means ``$RAY_ADDRESS`` when set, else an embedded local Ray started with ``address="local"``: a bare
-    ``ray.init()`` would attach to any cluster a ``ray start`` left on this machine. Returns whether this call
-    started (or connected) Ray. An interrupt while Ray starts is held until it has started, then Ray is shut down
-    and the interrupt delivered.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with _signals_held() as held:
-        try:
-            _start_ray(_ray_address(address))
-        except SystemExit:  # the SIGTERM handler ray.init installs first thing fired: stop like on a held SIGTERM
-            held.append(signal.SIGTERM)
-    if held:
-        shutdown_ray()
-        signal.raise_signal(held[0])
-    return True
-
-
-def shutdown_ray() -> None:
-    """Shut down the Ray this process started or connected, before the interpreter exits (interrupts held: we are
-    stopping already, and a second Ctrl-C must not cut the shutdown short)."""
-    import ray
-
-    log.info("shutting down Ray")
-    with _signals_held():
-        ray.shutdown()
-
-
-def _start_ray(address: str) -> None:
-    """``ray.init`` of the embedded local Ray (``address="local"``) or of a cluster's driver."""
-    import ray
-
-    if address == "local":
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            object_store_memory=_object_store_bytes(),
-        )
-    else:
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError) as err:
-            raise ConnectionError(f"cannot connect to Ray at {address!r}: {err}") from err
-
-
 def plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
     """Actors, GPUs and CPUs per stage for the cluster Ray is connected to (recorded in the manifest)."""
     import ray
@@ -390,6 +297,10 @@ def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Datas
     ds: Dataset = ray.data.read_parquet(
         [strip(f) for f in work.files], filesystem=_arrow_fs(work.files[0], cfg.storage_options), partitioning=None
     )
+    # A work file is one block of up to 50,000 uris: cut it into blocks of one model batch (streaming, by Ray
+    # tasks), so decode runs in parallel and every stage streams (one big block would be decoded by one task
+    # and reach the write stage only at the end of the run).
+    ds = ds.repartition(target_num_rows_per_block=max(1, min(cfg.batch_size, math.ceil(work.rows / 4))))
     with warnings.catch_warnings():
         # Ray 2.60 flags every extra remote arg (max_restarts...) as deprecated, with no named replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -405,14 +316,20 @@ def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Datas
         ds = ds.map_batches(
             writer,
             batch_format="pyarrow",
-            batch_size=cfg.rows_per_shard,
+            batch_size=write_rows(cfg.rows_per_shard, work.rows),
             num_cpus=WRITE_CPUS,
-            concurrency=cfg.write_tasks,
+            compute=None if cfg.write_tasks is None else ray.data.TaskPoolStrategy(size=cfg.write_tasks),
             max_retries=DECODE_MAX_RETRIES,
             scheduling_strategy="SPREAD",  # write bandwidth from every node, not the head's alone
         )
     plan["write_tasks"] = cfg.write_tasks
     return ds, plan
+
+
+def write_rows(rows_per_shard: int, rows: int) -> int:
+    """Rows per data file in the Ray pipeline: ``rows_per_shard``, but small enough that a run writes at least
+    ``MIN_FILES`` files (the unit of resume: Ray has no time budget like the local sink's ``shard_seconds``)."""
+    return max(1, min(rows_per_shard, math.ceil(rows / MIN_FILES)))
 
 
 def _arrow_fs(uri: str, storage_options: dict[str, Any] | None) -> Any:

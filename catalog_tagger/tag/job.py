@@ -102,13 +102,17 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     migrate.refuse_old_layout(cfg.output, cfg.storage_options)
     _clear_leftovers(layout)
     with commit.output_errors(run_id, cfg.output):
-        history, schema = _history(cfg, card, layout)
-        earlier = delta.find_run(history, run_id)
-        latest.catch_up(cfg.output, cfg.storage_options)  # the diff reads latest: merge what a crash left out
-    if earlier is not None:
-        log.info("run %s is already committed; nothing to do", run_id)
-        return _already(earlier.manifest, cfg, t_start)
-    planned = plan_run(cfg, layout, run_id, card.version, history.version())
+        known = layout.history()  # None before the first run: nothing is created until the plan refused nothing
+        if known is not None:
+            _schema(cfg, card, known)  # another task set is refused before any work
+            latest.catch_up(cfg.output, cfg.storage_options)  # merge what a crash left out (the diff reads latest)
+            earlier = delta.find_run(known, run_id)
+            if earlier is not None:
+                log.info("run %s is already committed; nothing to do", run_id)
+                return _already(earlier.manifest, cfg, t_start)
+    planned = plan_run(cfg, layout, run_id, card.version, -1 if known is None else known.version())
+    with commit.output_errors(run_id, cfg.output):
+        schema = _schema(cfg, card, _history(cfg, card, layout))
     file_schema = delta.file_schema(schema).with_metadata(delta.predictions_schema(card.task_config(), 1).metadata)
     part_writer = PartWriter(cfg.output, run_id, planned.state["run_date"], cfg.storage_options, file_schema)
     t_pipe = time.perf_counter()
@@ -125,15 +129,21 @@ def _already(manifest: dict[str, Any], cfg: TagJobConfig, t_start: float) -> Run
     return RunResult.from_manifest(manifest, output=cfg.output, wall_s=wall_s, notes=[ALREADY_COMMITTED])
 
 
-def _history(cfg: TagJobConfig, card: ModelCard, layout: Layout) -> tuple[DeltaTable, pa.Schema]:
-    """The history table (created on the first run) and the schema this run commits with: a model whose tasks
-    differ from the table's is refused unless ``allow_task_change`` (``delta.refuse_task_change``)."""
+def _history(cfg: TagJobConfig, card: ModelCard, layout: Layout) -> DeltaTable:
+    """The history table, created on the first run (after checking that the store can commit safely)."""
+    table = layout.history()
+    if table is not None:
+        return table
+    delta.require_conditional_put(cfg.output, cfg.storage_options)
     want = delta.predictions_schema(card.task_config(), card.embedding_dim)
-    if layout.history() is None:  # first use of this output: can the store commit safely?
-        delta.require_conditional_put(cfg.output, cfg.storage_options)
-    table = delta.ensure_table(layout.table_uri(), want, layout.delta_options(), partition_by=[delta.PARTITION])
-    schema = delta.refuse_task_change(table, want, allow=cfg.allow_task_change, what=f"output {redact(cfg.output)}")
-    return table, schema
+    return delta.ensure_table(layout.table_uri(), want, layout.delta_options(), partition_by=[delta.PARTITION])
+
+
+def _schema(cfg: TagJobConfig, card: ModelCard, table: DeltaTable) -> pa.Schema:
+    """The schema this run commits with: a model whose tasks differ from the table's is refused unless
+    ``allow_task_change`` (``delta.refuse_task_change``)."""
+    want = delta.predictions_schema(card.task_config(), card.embedding_dim)
+    return delta.refuse_task_change(table, want, allow=cfg.allow_task_change, what=f"output {redact(cfg.output)}")
 
 
 def _clear_leftovers(layout: Layout) -> None:

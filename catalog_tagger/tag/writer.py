@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -163,11 +164,15 @@ def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def file_name(run_id: str, uris: pa.ChunkedArray) -> str:
-    """``part-<run_id>-<hash of the uris>``: the same rows always land in the same file (retries overwrite)."""
+    """``part-<run_id>-<hash of the uris>``: the same rows always land in the same file (retries overwrite),
+    however the column is chunked or sliced (the hash covers the values, not the buffers behind them)."""
     digest = hashlib.blake2b(digest_size=12)
-    for chunk in uris.chunks:
-        digest.update(chunk.buffers()[1] or b"")  # offsets: the lengths
-        digest.update(chunk.buffers()[2] or b"")  # the characters
+    values = uris.cast(pa.string()).combine_chunks()
+    if len(values):
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + len(values) + 1]
+        data = values.buffers()[2]
+        digest.update(np.diff(offsets).astype(np.int64).tobytes())  # the lengths
+        digest.update(b"" if data is None else memoryview(data)[offsets[0] : offsets[-1]])  # the characters
     return f"part-{run_id}-{digest.hexdigest()}"
 
 
@@ -199,13 +204,17 @@ def staged_files(output: str, run_id: str, storage_options: dict[str, Any] | Non
     folder = strip(join(staging(output, run_id), FILES_DIR))
     fs.invalidate_cache(folder)
     try:
-        names = retry_transient(lambda: fs.ls(folder, detail=False), f"list {folder}")
+        entries = retry_transient(lambda: fs.ls(folder, detail=True), f"list {folder}")
     except FileNotFoundError:
         return []
+    names = sorted(e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(".json"))
     out = []
-    for name in sorted(n for n in names if n.endswith(".json")):
+    for name in names:
         body = retry_transient(partial(fs.cat_file, name), f"read {name}")
-        out.append(StagedFile(**json.loads(body)))
+        try:
+            out.append(StagedFile(**json.loads(body)))
+        except (ValueError, TypeError) as err:  # not ours, or damaged: its file is written again
+            log.warning("ignoring the unreadable sidecar %s: %s", name, err)
     return out
 
 

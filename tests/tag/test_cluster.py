@@ -152,10 +152,15 @@ class FakeJobsClient:
 
 
 def _manifest(out: Path, run_id: str) -> None:
-    ledger.write_json(
-        ledger.Layout(str(out)).manifest(run_id),
-        {"run_id": run_id, "counts": {"listed": 3, "rows": 3, "ok": 2, "error": 1, "unchanged": 0}, "notes": []},
-    )
+    """A committed run, as the job would leave it: a Delta commit carrying the run id and its manifest."""
+    import pyarrow as pa
+
+    from catalog_tagger.tag import delta
+
+    schema = pa.schema([("uri", pa.string()), ("run_date", pa.date32())])
+    table = delta.ensure_table(ledger.Layout(str(out)).table_uri(), schema, None, partition_by=["run_date"])
+    manifest = {"run_id": run_id, "counts": {"listed": 3, "rows": 3, "ok": 2, "error": 1, "unchanged": 0}, "notes": []}
+    delta.commit_run(table, run_id, [], schema, manifest)
 
 
 def test_jobs_success_reads_the_committed_manifest(tmp_path: Path) -> None:

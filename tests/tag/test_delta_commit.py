@@ -226,3 +226,13 @@ def test_another_task_set_is_refused_unless_allowed(kit, tmp_path, tiny_model_fa
     assert old.num_rows == 4 and old["garment"].null_count == 0  # older rows keep their labels: never a silent NULL
     assert new.num_rows == 6 and new["garment"].null_count == 6  # the new model has no garment task (documented)
     assert new["color"].null_count == 0
+
+
+def test_a_data_file_name_depends_on_its_uris_only():
+    """A retried write task must land on the same file: the name hashes the values, not how Arrow holds them."""
+    parent = pa.array(["/a.jpg", "/bb.jpg", "/ccc.jpg", "/d.jpg"])
+    name = writer.file_name("r", pa.chunked_array([pa.array(["/bb.jpg", "/ccc.jpg"])]))
+    assert writer.file_name("r", pa.chunked_array([parent.slice(1, 2)])) == name  # a slice of a bigger batch
+    assert writer.file_name("r", pa.chunked_array([parent.slice(1, 1), parent.slice(2, 1)])) == name  # chunked
+    assert writer.file_name("r", pa.chunked_array([pa.array(["/bb.jpg/", "ccc.jpg"])])) != name  # same characters
+    assert writer.file_name("other", pa.chunked_array([parent.slice(1, 2)])) != name

@@ -27,7 +27,7 @@ from catalog_tagger.config import load_tasks
 from catalog_tagger.errors import CommitLockLost, CommitLockTimeout, OutputWriteError
 from catalog_tagger.storage import filesystem, retry_transient, write_bytes_atomic
 from catalog_tagger.tag import commit as ledger
-from catalog_tagger.tag import lock
+from catalog_tagger.tag import delta, lock
 from catalog_tagger.tag.job import TagJobConfig, run
 from catalog_tagger.tag.predictor import ENV_BATCH_DELAY_S, ENV_KILL_AT_BATCH, ENV_KILL_MARKER
 
@@ -88,8 +88,16 @@ def assert_same_as_clean(table: pa.Table, clean: dict[str, dict], tasks_uri: str
         np.testing.assert_allclose(row["embedding"], ref["embedding"], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def visible_files(out: Path) -> list[Path]:
-    return sorted(p for d in ("predictions", "runs") if (out / d).exists() for p in (out / d).rglob("*") if p.is_file())
+def visible_files(out: Path) -> list[str]:
+    """What a reader sees: the data files the history table's log adds, and the runs/ copies of manifests."""
+    table = ledger.Layout(str(out)).history()
+    files = [] if table is None else delta.data_files(table)
+    return sorted(files) + sorted(p.name for p in (out / "runs").glob("*.json"))
+
+
+def sidecars(staging: Path) -> list[Path]:
+    """The sidecars of a run's whole data files (``writer.py``)."""
+    return sorted(p for p in (staging / "files").glob("part-*.json") if p.is_file())
 
 
 def make_bucket(endpoint: str) -> tuple[str, dict]:
@@ -165,23 +173,23 @@ def test_driver_sigkill_mid_run_then_rerun_resumes_from_staged_shards(images, mo
         proc = subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 180
-            while not list(staging.glob("part-*.json")):
+            while not sidecars(staging):
                 assert proc.poll() is None, f"the CLI ended before staging a shard:\n{log_path.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "no shard staged in 180 s"
                 time.sleep(0.02)
         finally:
             _kill_group(proc)
-    staged = sorted(staging.glob("part-*.json"))
-    assert 1 <= len(staged) < N_IMAGES // 4, "the kill should land mid-run"
+    staged = sidecars(staging)
+    written = sum(json.loads(p.read_text())["rows"] for p in staged)
+    assert 1 <= written < N_IMAGES, "the kill should land mid-run"
     assert visible_files(out) == [], "a killed run must leave nothing a reader sees"
 
     res = run(TagJobConfig(model=model, source=images, output=str(out), run_id=run_id, batch_size=4, rows_per_shard=4))
-    assert res.resumed == 4 * len(staged), "every staged shard is resumed, none re-tagged"
+    assert res.resumed == written, "every whole data file is resumed, none re-tagged"
     assert res.resumed < N_IMAGES and res.manifest["counts"]["resumed"] == res.resumed
     assert res.ok == N_IMAGES
-    # rows_per_shard boundaries: every part has 4 rows except at most the last one flushed
-    sizes = sorted(f["rows"] for f in res.manifest["files"])
-    assert sum(sizes) == N_IMAGES and all(s == 4 for s in sizes[1:]) and 1 <= sizes[0] <= 4
+    # at most rows_per_shard rows per data file
+    assert res.manifest["files"] >= N_IMAGES // 4
     assert_same_as_clean(committed_rows(str(out)), clean, catalog.tasks_uri)
     assert not staging.exists()
 
@@ -196,7 +204,7 @@ def test_transient_s3_errors_on_reads_and_writes_are_retried(images, model, clea
     rules = [
         # Bursts that outlast s3fs's own retries (5 tries, botocore retries off below): only ours can save these.
         Burst("GET", lambda p: p.endswith(f"/catalog/{first_image}"), count=6, kind="503"),
-        Burst("PUT", lambda p: p.endswith("/part-00001.json"), count=6, kind="reset"),
+        Burst("PUT", lambda p: "/files/part-" in p and p.endswith(".json"), count=6, kind="reset"),
         # And a steady drizzle of 503 SlowDown / dropped connections / lost answers on every GET and PUT.
         EveryNth(4, methods=("GET", "PUT"), kinds=("503", "reset", "reset_after")),
     ]
@@ -205,12 +213,16 @@ def test_transient_s3_errors_on_reads_and_writes_are_retried(images, model, clea
         cfg = TagJobConfig(model=model, source=f"s3://{bucket}/catalog", output=f"s3://{bucket}/tags",
                            storage_options=opts, batch_size=4, rows_per_shard=8)  # fmt: skip
         res = run(cfg)
+        injected, by_path = proxy.injected, proxy.by_path
     for kind in ("503", "reset", "reset_after"):
-        assert proxy.injected[("GET", kind)] > 0 and proxy.injected[("PUT", kind)] > 0, (kind, proxy.injected)
-    # The bursts outlasted s3fs (5 tries each): our own retry layer made the 7th request, in a Ray worker (read)
-    # and in the driver (staged stats file write).
-    assert proxy.by_path[("GET", f"/{bucket}/catalog/{first_image}")] >= 7
-    assert any("part-00001.json failed" in r.getMessage() and "retry" in r.getMessage() for r in caplog.records)
+        assert injected[("GET", kind)] > 0 and injected[("PUT", kind)] > 0, (kind, injected)
+    # The bursts outlasted s3fs (5 tries each): our own retry layer made the 7th request, for the read and for
+    # a data file's sidecar.
+    assert by_path[("GET", f"/{bucket}/catalog/{first_image}")] >= 7
+    assert any(
+        "/files/part-" in r.getMessage() and "failed" in r.getMessage() and "retry" in r.getMessage()
+        for r in caplog.records
+    )
     assert res.ok == N_IMAGES and res.error == 0
     assert res.manifest["counts"]["rows"] == N_IMAGES
     assert_same_as_clean(committed_rows(f"s3://{bucket}/tags", direct), clean, catalog.tasks_uri)
@@ -252,7 +264,7 @@ def test_our_write_retries_transient_errors_but_not_permanent_ones(tmp_path, cap
 @pytest.mark.slow
 def test_s3_output_unwritable_mid_run_fails_clearly_then_rerun_succeeds(images, model, clean, catalog, s3_server):
     bucket, direct = make_bucket(s3_server)
-    deny = DenyWritesAfter(lambda m, p: m == "PUT" and p.endswith("/part-00000.json"), prefix=f"/{bucket}/tags/")
+    deny = DenyWritesAfter(lambda m, p: m == "PUT" and "/lost-write-access/files/part-" in p, prefix=f"/{bucket}/tags/")
     with FaultProxy(s3_server, [deny]) as proxy:
         cfg = TagJobConfig(model=model, source=images, output=f"s3://{bucket}/tags", storage_options=via(proxy, direct),
                            run_id="lost-write-access", batch_size=4, rows_per_shard=4)  # fmt: skip
@@ -263,24 +275,28 @@ def test_s3_output_unwritable_mid_run_fails_clearly_then_rerun_succeeds(images, 
         assert "--run-id lost-write-access" in msg, msg
         fs = filesystem("s3://", direct)
         fs.invalidate_cache()
-        assert fs.find(f"{bucket}/tags/predictions") == [] and fs.find(f"{bucket}/tags/runs") == []
-        assert fs.exists(f"{bucket}/tags/_staging/lost-write-access/part-00000.json")
-        deny.heal()
+        assert committed_rows(f"s3://{bucket}/tags", direct).num_rows == 0 and fs.find(f"{bucket}/tags/runs") == []
+        assert len(fs.glob(f"{bucket}/tags/_staging/lost-write-access/files/part-*.json")) == 1
+        proxy.heal()
         res = run(cfg)
     assert res.resumed == 4 and res.ok == N_IMAGES
     assert_same_as_clean(committed_rows(f"s3://{bucket}/tags", direct), clean, catalog.tasks_uri)
 
 
 def test_local_output_unwritable_mid_run_fails_clearly_then_rerun_succeeds(images, model, clean, catalog, tmp_path):
-    # Tests run as root, so chmod cannot make a folder read-only: block shard 1 with a folder in its place.
+    # Tests run as root, so chmod cannot make a folder read-only: block the second data file's sidecar with a
+    # folder in its place (its name is the hash of its uris: the 4 images after the first 4, sorted).
+    from catalog_tagger.tag.writer import file_name
+
     out = tmp_path / "out"
-    blocker = out / "_staging" / "blocked" / "part-00001.parquet"
+    second = sorted(str(p) for p in Path(images).iterdir())[4:8]
+    blocker = out / "_staging" / "blocked" / "files" / f"{file_name('blocked', pa.chunked_array([second]))}.json"
     blocker.mkdir(parents=True)
     cfg = TagJobConfig(model=model, source=images, output=str(out), run_id="blocked", batch_size=4, rows_per_shard=4)
     with pytest.raises(OutputWriteError, match=r"IsADirectoryError.*rerun with --run-id blocked"):
         run(cfg)
     assert visible_files(out) == []
-    assert (out / "_staging" / "blocked" / "part-00000.json").exists()
+    assert len(sidecars(out / "_staging" / "blocked")) == 1
     blocker.rmdir()
     res = run(cfg)
     assert res.resumed == 4 and res.ok == N_IMAGES
@@ -345,6 +361,7 @@ def test_run_whose_images_were_all_committed_meanwhile_commits_nothing(images, m
     assert late.manifest is None and late.ok == 0
     assert any("committed meanwhile by early" in n for n in late.notes), late.notes
     assert [p.name for p in (out / "runs").iterdir()] == ["early.json"]
+    assert [r.run_id for r in delta.all_runs(ledger.Layout(str(out)).history())] == ["early"]
     assert not (out / "_staging" / "late").exists() and not (out / "_locks" / "commit.lock").exists()
     assert committed_rows(str(out)).num_rows == 4
 

@@ -24,10 +24,10 @@ from modelkit import committed_rows
 
 from catalog_tagger import query as q
 from catalog_tagger.errors import UserError
-from catalog_tagger.schema import SKIP_REASONS
+from catalog_tagger.schema import LISTING_SCHEMA, SKIP_REASONS
 from catalog_tagger.storage import local_uri, redact, strip
 from catalog_tagger.tag.job import TagJobConfig, run
-from catalog_tagger.tag.sources import list_source
+from catalog_tagger.tag.sources import Listing, list_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -120,11 +120,18 @@ def hostile(images, tmp_path) -> Iterator[tuple[Path, dict[str, int]]]:
             (root / name).chmod(0o755)
 
 
+def listed(source: str) -> tuple[pa.Table, Listing]:
+    """The stream ``list_source`` gives, gathered and sorted (the diff's job in a run), and its counts."""
+    listing = list_source(source)
+    return pa.Table.from_batches(list(listing.batches), LISTING_SCHEMA).sort_by("uri"), listing
+
+
 _LIST_SCRIPT = """
 import json, sys
 from catalog_tagger.tag.sources import list_source
 listing = list_source(sys.argv[1])
-print(json.dumps({"uris": listing.table.column("uri").to_pylist(), "skipped": listing.skipped,
+uris = sorted(u for b in listing.batches for u in b.column("uri").to_pylist())
+print(json.dumps({"uris": uris, "skipped": listing.skipped,
                   "non_image": listing.skipped_non_image, "notes": listing.notes}))
 """
 
@@ -149,8 +156,8 @@ def test_prefix_listing_of_a_clean_folder_counts_nothing(images, tmp_path):
     src.mkdir()
     for p in images[:2]:
         shutil.copy(p, src / p.name)
-    listing = list_source(str(src))
-    assert listing.table.num_rows == 2 and set(listing.skipped.values()) == {0} and listing.notes == []
+    table, listing = listed(str(src))
+    assert table.num_rows == 2 and set(listing.skipped.values()) == {0} and listing.notes == []
 
 
 # --------------------------------------------------------------------------------------------- case 3: not UTF-8
@@ -239,7 +246,7 @@ def test_file_uri_naming_another_host_is_refused(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("uri\nfile://fileserver/share/a.jpg\n")
     with pytest.raises(UserError, match="names host 'fileserver'"):
-        list_source(str(manifest))
+        listed(str(manifest))
 
 
 @pytest.mark.integration
@@ -323,7 +330,6 @@ def test_password_in_a_uri_is_used_for_the_read_but_never_stored(model, images, 
     assert sorted(r["uri"] for r in rows) == sorted(f"http://{host}/{n}" for n in [*names, "missing.jpg"])
     # every file of the output, the query results, the report, the logs and the run result
     from catalog_tagger.report import write_report
-    from catalog_tagger.tag.sources import Listing
 
     report = write_report(str(out), res.run_id, sample=4)
     files = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -334,7 +340,9 @@ def test_password_in_a_uri_is_used_for_the_read_but_never_stored(model, images, 
         assert table.num_rows and not _leaks(q.to_csv(table)) and not _leaks(q.to_json_lines(table))
     assert not _leaks("\n".join(r.getMessage() for r in caplog.records))
     assert not _leaks(json.dumps(res.manifest)) and not _leaks(repr(res))
-    assert not _leaks(repr(list_source(str(manifest)))) and "credentials" not in repr(Listing(pa.table({})))
+    table, listing = listed(str(manifest))
+    assert not _leaks(repr(listing)) and not _leaks(repr(table.to_pylist())) and "credentials" not in repr(Listing())
+    assert listing.credentials == {f"http://{host}": f"{USER}:{PASSWORD}"}
 
 
 def test_redact_hides_userinfo_anywhere_in_a_text():
@@ -380,7 +388,7 @@ def test_manifest_columns_of_the_right_types_are_read(images, tmp_path):
         }),
         manifest,
     )  # fmt: skip
-    table = list_source(str(manifest)).table
+    table, _listing = listed(str(manifest))
     assert table.column("size").to_pylist() == [10, None, 30]
     assert table.column("etag").to_pylist() == ["123", None, "456"]
     assert [t.timestamp() if t else None for t in table.column("mtime").to_pylist()] == [1.7e9, None, 1_700_000_001.5]

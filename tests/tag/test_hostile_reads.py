@@ -14,13 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from modelkit import committed_rows
 from test_decode_bounds import peak_mib
 
 from catalog_tagger.errors import ReadRefused
 from catalog_tagger.fetch import ReadLimits, read_bounded
-from catalog_tagger.tag import commit
 from catalog_tagger.tag.reader import DecodeStage
 
 MiB = 1024**2
@@ -297,8 +296,7 @@ def test_a_hostile_manifest_is_tagged_with_error_rows(kit, fifo, server, tmp_pat
                        max_image_bytes=MiB, read_timeout_s=1, read_deadline_s=2, calibrate=False)  # fmt: skip
     res = run(cfg)
     assert (res.ok, res.error) == (len(good), len(hostile)), res
-    files = commit.committed_files(commit.Layout(str(tmp_path / "out")))
-    rows = pa.concat_tables([pq.read_table(f, columns=["uri", "error"]) for f in files]).to_pylist()
+    rows = committed_rows(tmp_path / "out").select(["uri", "error"]).to_pylist()
     errors = {r["uri"]: r["error"] for r in rows if r["error"]}
     assert errors[str(fifo)] == "read: not a regular file (a FIFO)"
     assert errors["/dev/zero"] == "read: not a regular file (a character device)"

@@ -20,13 +20,13 @@ from types import SimpleNamespace
 
 import psutil
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from modelkit import committed_rows
 
 from catalog_tagger.errors import CommitLockTimeout
 from catalog_tagger.schema import ACCEL_COL, CALIB_COL, DECODE_COL
 from catalog_tagger.tag import commit as ledger
-from catalog_tagger.tag import executors, lock
+from catalog_tagger.tag import delta, lock, ray_runtime, writer
 from catalog_tagger.tag import sink as sink_module
 from catalog_tagger.tag.checks import validate
 from catalog_tagger.tag.cluster import tag_entrypoint
@@ -43,8 +43,7 @@ def kit(catalog_kit):
 
 
 def committed_uris(out: Path) -> list[str]:
-    files = ledger.committed_files(ledger.Layout(str(out)))
-    return sorted(pa.concat_tables([pq.read_table(f) for f in files]).column("uri").to_pylist()) if files else []
+    return sorted(committed_rows(out).column("uri").to_pylist())
 
 
 def closed_port() -> int:
@@ -102,7 +101,9 @@ def test_run_after_a_disk_full_lock_commits_without_waiting(kit, tmp_path):
 
 def test_lock_of_a_committed_run_elsewhere_is_taken_over_at_once(tmp_path):
     layout = ledger.Layout(str(tmp_path / "out"))
-    ledger.write_json(layout.manifest("done"), {"run_id": "done"})
+    schema = pa.schema([("uri", pa.string()), ("run_date", pa.date32())])
+    table = delta.ensure_table(layout.table_uri(), schema, None, partition_by=["run_date"])
+    delta.commit_run(table, "done", [], schema, {"run_id": "done"})  # run "done" is committed (no files)
     lock_path = Path(layout.commit_lock())
     lock_path.parent.mkdir(parents=True)
     # A live-looking owner on another host (its pid cannot be checked) whose run is committed.
@@ -125,7 +126,7 @@ real = commit.write_json
 
 def write_json(uri, data, storage_options=None):
     real(uri, data, storage_options)
-    if os.sep + "runs" + os.sep in uri:  # the manifest, written last: SIGKILL before anything else happens
+    if os.sep + "runs" + os.sep in uri:  # the manifest's copy, after the commit: SIGKILL before anything else
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -189,21 +190,27 @@ def _rows(n: int, start: int = 0) -> pa.Table:
 def test_sink_stages_on_a_time_budget_as_well_as_a_row_budget(tmp_path, monkeypatch):
     now = [0.0]
     monkeypatch.setattr(sink_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    sink = sink_module.Sink(ledger.Layout(str(tmp_path)), "r", rows_per_shard=100, shard_seconds=60.0)
+    schema = pa.schema([("uri", pa.string()), ("status", pa.string())])
+    part = writer.PartWriter(str(tmp_path), "r", "2026-11-29", None, schema)
+    sink = sink_module.Sink(part, rows_per_shard=100, shard_seconds=60.0)
+
+    def written() -> list[int]:
+        return sorted(f.rows for f in writer.staged_files(str(tmp_path), "r", None))
+
     sink.add(_rows(3))
     now[0] = 30.0
     sink.add(_rows(3, 3))
-    assert sink.shards == [], "the oldest row waited 30 s < 60 s"
+    assert written() == [], "the oldest row waited 30 s < 60 s"
     now[0] = 61.0
     sink.add(_rows(2, 6))
-    assert [s.stats["rows"] for s in sink.shards] == [8], "the oldest row waited 61 s: everything pending is staged"
+    assert written() == [8], "the oldest row waited 61 s: everything pending is written"
     now[0] = 62.0
     sink.add(_rows(150, 8))  # the row budget still applies, and the rest starts a new wait
     now[0] = 100.0
     sink.add(_rows(1, 158))
-    assert [s.stats["rows"] for s in sink.shards] == [8, 100]
+    assert written() == [8, 100]
     sink.flush()
-    assert [s.stats["rows"] for s in sink.shards] == [8, 100, 51]
+    assert written() == [8, 51, 100] and sink.totals.files == 3 and sink.totals.ok == 159
 
 
 def test_shard_seconds_travels_to_a_ray_jobs_submission():
@@ -214,11 +221,11 @@ def test_shard_seconds_travels_to_a_ray_jobs_submission():
 
 def _wait_for_staged_shard(proc: subprocess.Popen, out: Path, log: Path) -> Path:
     deadline = time.monotonic() + 240
-    while not (staged := list((out / "_staging").glob("*/part-*.json"))):
-        assert proc.poll() is None, f"the CLI ended before staging a shard:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "no shard staged in 240 s"
+    while not (staged := list((out / "_staging").glob("*/files/part-*.json"))):
+        assert proc.poll() is None, f"the CLI ended before writing a data file:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no data file written in 240 s"
         time.sleep(0.05)
-    return staged[0].parent
+    return staged[0].parent.parent
 
 
 @pytest.mark.slow
@@ -263,7 +270,7 @@ def test_ctrl_c_prints_the_resume_command_and_the_rerun_resumes(kit, tmp_path, e
 
 def test_interrupts_are_held_while_ray_starts_and_the_handlers_put_back():
     int_before, term_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with executors._signals_held() as held:
+    with ray_runtime.signals_held() as held:
         signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt inside the block: Ray's start-up is not cut
     assert held == [signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is int_before and signal.getsignal(signal.SIGTERM) == term_before
@@ -277,7 +284,7 @@ def test_interrupts_are_held_while_ray_starts_and_the_handlers_put_back():
     try:
         for before, after in ((signal.SIG_DFL, ray_handler), (caller_handler, caller_handler)):
             signal.signal(signal.SIGTERM, before)
-            with executors._signals_held():
+            with ray_runtime.signals_held():
                 signal.signal(signal.SIGTERM, ray_handler)
             assert signal.getsignal(signal.SIGTERM) is after
     finally:
