@@ -11,11 +11,10 @@ from typing import Any
 import deltalake  # noqa: F401 - imported before pyarrow.parquet (see the rules on import order)
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake.transaction import AddAction
 
 from catalog_tagger.config import TaskConfig
 from catalog_tagger.schema import output_schema
-from catalog_tagger.tag import delta, writer
+from catalog_tagger.tag import commit, delta, writer
 
 TASKS = TaskConfig.model_validate(
     {
@@ -86,14 +85,7 @@ def commit_v2_run(
     opts = delta.delta_options(output, storage_options)
     history = delta.ensure_table(delta.table_uri(output, delta.PREDICTIONS), schema, opts, partition_by=["run_date"])
     staged = stage_v2_file(output, run_id, table, run_date=run_date, storage_options=storage_options)
-    add = AddAction(
-        path=staged.path,
-        size=staged.bytes,
-        partition_values={"run_date": run_date},
-        modification_time=staged.modified_ms,
-        data_change=True,
-        stats=json.dumps({"numRecords": staged.rows}),
-    )
+    add = commit.add_action(staged)
     return delta.commit_run(history, run_id, [add], schema, manifest(run_id, run_date, table.num_rows))
 
 

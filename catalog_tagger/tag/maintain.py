@@ -257,7 +257,7 @@ def _vacuum(table: DeltaTable, options: _Options, before: Callable[[list[str]], 
 def _relative(root: str, path: str) -> str:
     """A path vacuum returned, relative to the table (it gives absolute ones for some log states)."""
     bare_root = strip(root).rstrip("/")
-    bare = strip(path)
+    bare = strip(path) if "://" in path else path  # fsspec listings of object stores come without the scheme
     return bare[len(bare_root) + 1 :] if bare.startswith(bare_root + "/") else path
 
 

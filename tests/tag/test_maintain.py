@@ -162,3 +162,25 @@ def test_nightly_maintenance_failure_never_fails_the_night(tmp_path: Path) -> No
     with prefect_test_harness(server_startup_timeout=120):
         assert night(good)["merged_runs"] == ["r0"]
         assert night(str(bad)) is None  # UserError (v1 layout): logged, not raised
+
+
+@pytest.mark.integration
+def test_maintain_on_s3(s3_bucket) -> None:
+    """The same upkeep through delta-rs's object store on S3 (moto's server): merge, compact, vacuum, checkpoint."""
+    import s3fs
+
+    bucket, opts = s3_bucket
+    out = f"s3://{bucket}/out"
+    for i in range(2):
+        kit.commit_v2_run(out, f"r{i}", kit.rows(_uris(f"b{i}", 5), f"r{i}"), storage_options=opts)
+    report = maintain(out, opts, retention_hours=0)
+    assert report.merged_runs == ["r0", "r1"] and sorted(report.staging_removed) == ["r0", "r1"]
+    pred = report.tables[0]
+    assert (pred.files_compacted, pred.files_written, len(pred.vacuumed)) == (2, 1, 2)
+    assert _history_rows(out, opts) == 10
+    fs = s3fs.S3FileSystem(**opts)
+    fs.invalidate_cache()
+    assert len(fs.glob(f"{bucket}/out/predictions/run_date=*/*.parquet")) == 1  # the compacted file only
+    assert fs.exists(f"{bucket}/out/predictions/_delta_log/_last_checkpoint")
+    current = latest.state(out, opts)
+    assert current is not None and current.count_rows() == 10
