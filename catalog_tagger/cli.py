@@ -195,6 +195,12 @@ def tag(
     plan_only: Annotated[
         bool, typer.Option("--plan-only", help="Print listed / new / changed / unchanged and write nothing.")
     ] = False,
+    allow_task_change: Annotated[
+        bool, typer.Option("--allow-task-change", help="Tag an output whose tables hold other tasks (adds columns).")
+    ] = False,
+    write_tasks: Annotated[
+        int | None, typer.Option("--write-tasks", min=1, help="Ray: data files written at once.")
+    ] = None,
 ) -> None:
     """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
     from catalog_tagger.render import render_run_summary, tag_progress
@@ -205,20 +211,17 @@ def tag(
         actors=actors, device=device, full=full, limit=limit, executor=executor, price_per_hour=price_per_hour,
         allowed_root=allowed_root, rows_per_shard=rows_per_shard, shard_seconds=shard_seconds,
         max_image_bytes=max_image_bytes, read_timeout_s=read_timeout_s, read_deadline_s=read_deadline_s,
-        max_image_pixels=max_image_pixels,
+        max_image_pixels=max_image_pixels, allow_task_change=allow_task_change or None, write_tasks=write_tasks,
         baseline=list(baseline) if baseline else None,
     )  # fmt: skip
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume
     cfg = _validated(TagJobConfig, params)
     if plan_only:
+        from catalog_tagger.render import render_plan
         from catalog_tagger.tag.plan import preview
 
-        plan = preview(cfg)
-        for name in ("listed", "new", "changed", "unchanged", "resumed"):
-            out_console.print(f"{name:<10} {getattr(plan, name):>12,}")
-        for note in plan.notes:
-            out_console.print(f"note: {note}", highlight=False)
+        render_plan(preview(cfg), out_console)
         return
     with resumable_on_interrupt(cfg.run_id or "", console), tag_progress(console) as progress:
         result = run(cfg, progress=progress)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from catalog_tagger.tag.job import RunResult
+    from catalog_tagger.tag.plan import PlanPreview
     from catalog_tagger.train.pipeline import TrainResult
 
 TABLE_MAX_ROWS = 200  # rows a terminal table of query results shows; csv/json/parquet write them all
@@ -144,6 +145,14 @@ def _skip_rows(counts: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("non-image files (skipped)", counts.get("skipped_non_image") or 0)]
     rows += [(SKIP_LABELS.get(r, r), n) for r, n in (counts.get("skipped_by_reason") or {}).items()]
     return [(label, f"{n:,}") for label, n in rows if n]
+
+
+def render_plan(plan: PlanPreview, console: Console) -> None:
+    """``tag --plan-only``: what a run would do, one count per line, then its notes."""
+    for name in ("listed", "new", "changed", "unchanged", "resumed"):
+        console.print(f"{name:<10} {getattr(plan, name):>12,}")
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 def render_run_summary(result: RunResult, console: Console) -> None:

@@ -118,6 +118,10 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
         args += ["--limit", str(cfg.limit)]
     if cfg.full:
         args.append("--full")
+    if cfg.allow_task_change:
+        args.append("--allow-task-change")
+    if cfg.write_tasks is not None:
+        args += ["--write-tasks", str(cfg.write_tasks)]
     if cfg.allowed_root:
         args += ["--allowed-root", cfg.allowed_root]
     for uri in cfg.baseline:

@@ -82,9 +82,11 @@ def test_entrypoint_flags_exist_on_the_cli() -> None:
 
     cmd = typer.main.get_command(app).commands["tag"]
     known = {o for p in cmd.params for o in p.opts}
-    cfg = _cfg(full=True, limit=1, actors=1, rows_per_shard=10, allowed_root="/data")
+    cfg = _cfg(full=True, limit=1, actors=1, rows_per_shard=10, allowed_root="/data", allow_task_change=True,
+               write_tasks=2)  # fmt: skip
     used = {a for a in shlex.split(tag_entrypoint(cfg)) if a.startswith("--")}
-    assert {"--allowed-root", "--rows-per-shard", "--full", "--limit", "--actors"} <= used
+    assert {"--allowed-root", "--rows-per-shard", "--full", "--limit", "--actors", "--allow-task-change",
+            "--write-tasks"} <= used  # fmt: skip
     assert used <= known
 
 
