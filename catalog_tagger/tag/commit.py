@@ -117,7 +117,7 @@ def committed_manifest(layout: Layout, run_id: str) -> dict[str, Any] | None:
 
 def is_committed(layout: Layout, run_id: str) -> bool:
     table = layout.history()
-    return table is not None and delta.committed_version(table, run_id)
+    return table is not None and delta.has_run(table, run_id)
 
 
 def committed_run_ids(layout: Layout) -> list[str]:

@@ -205,7 +205,7 @@ def run_app_id(run_id: str) -> str:
     return RUN_APP + run_id
 
 
-def committed_version(table: DeltaTable, run_id: str) -> bool:
+def has_run(table: DeltaTable, run_id: str) -> bool:
     """Whether ``run_id`` has a commit in ``table`` (its application transaction is in the snapshot)."""
     return table.transaction_version(run_app_id(run_id)) is not None
 
@@ -246,7 +246,7 @@ def _runs(history: list[dict[str, Any]]) -> Iterator[CommittedRun]:
 
 def find_run(table: DeltaTable, run_id: str) -> CommittedRun | None:
     """The commit of ``run_id`` (None when it has none)."""
-    if not committed_version(table, run_id):
+    if not has_run(table, run_id):
         return None
     return next((r for r in all_runs(table) if r.run_id == run_id), None)
 
@@ -256,7 +256,7 @@ def commit_run(
 ) -> int:
     """Add ``files`` to the table in ONE commit carrying the run id and its manifest; returns the new version.
 
-    Call it holding the output's commit lock and after checking ``committed_version``: delta-rs itself lets a
+    Call it holding the output's commit lock and after checking ``has_run``: delta-rs itself lets a
     second, sequential commit of the same application transaction through.
     """
     from deltalake import CommitProperties, Transaction

@@ -139,7 +139,7 @@ def _clear_staging(options: _Options, history: DeltaTable) -> list[str]:
     cutoff = time.time() - options.retention_hours * 3600
     for run_id in _staged_run_ids(fs, options.output):
         folder = strip(writer.staging(options.output, run_id))
-        if delta.committed_version(history, run_id):
+        if delta.has_run(history, run_id):
             why = "committed"
         else:
             newest = _newest_mtime(fs, folder)
