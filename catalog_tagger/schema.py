@@ -71,6 +71,8 @@ LISTING_SCHEMA = pa.schema(  # the images a run considers: unique uris, sorted
         pa.field("mtime", _TS),
     ]
 )
+# What identifies an image's bytes between runs (the diff and the check before a commit compare these).
+IDENTITY_COLUMNS = ["uri", "size", "etag", "mtime", "content_hash"]
 WORK_SCHEMA = pa.schema(  # what a run must read: the listing minus what is settled
     [
         *LISTING_SCHEMA,

@@ -102,12 +102,6 @@ def write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any] |
 
 
 # --------------------------------------------------------------------------------------------- committed runs
-def committed_manifests(layout: Layout) -> list[dict[str, Any]]:
-    """Every committed run's manifest, in commit order, read from the Delta log."""
-    table = layout.history()
-    return [] if table is None else [r.manifest for r in delta.all_runs(table)]
-
-
 def committed_manifest(layout: Layout, run_id: str) -> dict[str, Any] | None:
     """The manifest of ``run_id`` if it is committed (asked afresh: another process may have just committed it)."""
     table = layout.history()

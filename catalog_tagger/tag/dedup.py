@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_tagger.schema import IDENTITY_COLUMNS
 from catalog_tagger.storage import filesystem, retry_transient, strip
 from catalog_tagger.tag import delta, writer
 from catalog_tagger.tag.latest import settles
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IDENTITY = ["uri", "size", "etag", "mtime", "content_hash"]
 DUCKDB_MEMORY = "1GB"  # the join spills to disk beyond this
 # The same image: the same ETag when both have one; else the same size + mtime; else the same bytes' hash.
 SAME_IMAGE = """
@@ -76,7 +76,7 @@ def _staged_batches(sink: PartWriter, files: list[StagedFile]) -> Iterator[pa.Re
     fs = filesystem(sink.output, sink.storage_options)
     for index, staged in enumerate(files):
         path = strip(writer.data_uri(sink.output, staged.path))
-        read = partial(pq.read_table, path, columns=IDENTITY, filesystem=fs)
+        read = partial(pq.read_table, path, columns=IDENTITY_COLUMNS, filesystem=fs)
         table = retry_transient(read, f"read {path}")
         table = table.append_column("f", pa.array([index] * table.num_rows, pa.int32()))
         table = table.append_column("i", pa.array(range(table.num_rows), pa.int64()))
@@ -127,7 +127,7 @@ def _other_rows(table: DeltaTable, run_ids: list[str]) -> pa.RecordBatchReader:
     """Identity columns of the rows that settle an image in the given committed runs, streamed."""
     ds = delta.dataset(table)
     flt = pc.field("run_id").isin(run_ids) & settles()
-    return ds.scanner(columns=IDENTITY, filter=flt).to_reader()
+    return ds.scanner(columns=IDENTITY_COLUMNS, filter=flt).to_reader()
 
 
 def drop_duplicates(

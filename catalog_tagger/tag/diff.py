@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_tagger.schema import LISTING_SCHEMA, WORK_SCHEMA
+from catalog_tagger.schema import IDENTITY_COLUMNS, LISTING_SCHEMA, WORK_SCHEMA
 from catalog_tagger.storage import filesystem, join, retry_transient, strip, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 WORK_DIR = "work"
 WORK_FILE_MAX_ROWS = 50_000  # rows per work file at most (one Ray read task each)
 WORK_FILES_MIN = 8  # a small run is still cut into this many files (when it has the rows), for parallel reads
-STATE_COLUMNS = ["uri", "size", "etag", "mtime", "content_hash"]
 MEMORY_LIMIT = "256MB"  # DuckDB's share of the driver while planning; it spills to disk beyond it
 # a scan of the committed state reads a few batches ahead (not pyarrow's default 16 batches x 4 files), and a
 # row group's column chunks as it decodes them (pre_buffer would hold a whole row group: ~100 MB at 10^6 rows)
@@ -184,7 +183,7 @@ def _state_reader(state: pads.Dataset | None, model_version: str) -> pa.RecordBa
     import pyarrow.dataset as pads
 
     options = pads.ParquetFragmentScanOptions(pre_buffer=False)
-    scanner = state.scanner(columns=STATE_COLUMNS, filter=flt, fragment_scan_options=options, **_READAHEAD)
+    scanner = state.scanner(columns=IDENTITY_COLUMNS, filter=flt, fragment_scan_options=options, **_READAHEAD)
     return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in scanner.to_batches()))
 
 

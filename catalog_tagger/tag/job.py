@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from catalog_tagger.accounting import compute_savings
 from catalog_tagger.model.artifact import ModelCard, load_card
-from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, RunCounts, RunManifest, RunTimings
+from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, RunCounts, RunManifest, RunTimings, output_schema
 from catalog_tagger.storage import is_local, is_storage_error, redact
 from catalog_tagger.tag import commit, delta, latest, lock, migrate, writer
 from catalog_tagger.tag.checks import validate
@@ -113,7 +113,9 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     planned = plan_run(cfg, layout, run_id, card.version, -1 if known is None else known.version())
     with commit.output_errors(run_id, cfg.output):
         schema = _schema(cfg, card, _history(cfg, card, layout))
-    file_schema = delta.file_schema(schema).with_metadata(delta.predictions_schema(card.task_config(), 1).metadata)
+    # the table's schema has no Parquet metadata: the data files carry the model's (schema version, tasks)
+    model_meta = output_schema(card.task_config(), card.embedding_dim).metadata
+    file_schema = delta.file_schema(schema).with_metadata(model_meta)
     part_writer = PartWriter(cfg.output, run_id, planned.state["run_date"], cfg.storage_options, file_schema)
     t_pipe = time.perf_counter()
     stages = Stages(cfg, run_id, planned.tagged_at, card.image_size, credentials=planned.listing.credentials)

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECODE_ERROR_PREFIX = "decode:"  # errors of the bytes themselves: final for these bytes
-STATE_COLUMNS = ["uri", "size", "etag", "mtime", "content_hash", "model_version", "status", "error", "tagged_at"]
 
 
 def settles() -> pc.Expression:
