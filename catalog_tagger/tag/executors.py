@@ -57,6 +57,12 @@ LOCAL_PREFETCH = 2  # slices decoded ahead of the model
 PROGRESS_LOG_S = 10.0  # how often the driver logs its rate
 MIN_FILES = 8  # a Ray run writes at least this many data files (when it has the rows)
 WRITE_CPUS = 0.25  # a write task encodes Parquet (zstd): light next to decode, and must fit beside the actors
+# Ray Data 2.60 reads Parquet through its datasource V2 by default, which reads the files' footers on a pool of up
+# to 32 FooterReader actors: fresh worker processes, each importing Ray Data, for a run's few work files (one per
+# 50,000 uris). V1 lists them in the driver and samples at most 10 in ordinary tasks (pooled worker processes).
+# Same rows; on this 2-core box V1 started 1-3 worker processes per job on a warm Ray instead of 6-9, and the
+# first batch came after 4.4 s instead of 7.3 s (bench/startup.py measures both).
+PARQUET_DATASOURCE_V2 = False
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,6 @@ class Stages:
             "run_id": self.run_id,
             "tagged_at": self.tagged_at,
             "device": device,
-            "calibrate": self.cfg.calibrate,
-            "baselines": self.cfg.baseline,
             "threads": threads,
             "faults": faults,
         }
@@ -100,11 +104,15 @@ def execute(
 ) -> tuple[dict[str, Any], Totals]:
     """Run the decode, predict and write stages over ``work``'s files; the driver only sees counts.
 
-    Returns the resources plan recorded in the manifest (``{}`` when there was nothing to tag) and the totals.
+    Returns the resources plan recorded in the manifest (``{}`` when there was nothing to tag) and the totals. The
+    plan carries the run's start-up seconds: ``first_batch_s`` (from this call to the first result batch reaching
+    the driver: Ray's start, worker and actor start-up, the model load and the first batch's work) and, on Ray,
+    ``ray_init_s`` (the part of it ``init_ray`` took; 0.0 when this process's Ray was already running).
     """
     totals = Totals()
     if not work.rows:
         return {}, totals
+    t0 = time.perf_counter()
     cfg = stages.cfg
     executor = choose_executor(cfg, work.rows)
     log.info("run %s: %s executor", stages.run_id, executor)
@@ -112,19 +120,27 @@ def execute(
         resources = local_resources(cfg)
         sink = Sink(writer, cfg.rows_per_shard, cfg.shard_seconds, totals=totals)
         batches = local_batches(stages, work, threads=resources["threads"])
-        _drain(batches, sink.add, totals, work.rows, stages.run_id, progress)
+        first = _drain(batches, sink.add, totals, work.rows, stages.run_id, progress)
         sink.flush()
-        return resources, totals
+        return {**resources, "first_batch_s": _since(t0, first)}, totals
+    t_init = time.perf_counter()
     started = init_ray(cfg.ray_address)
+    ray_init_s = time.perf_counter() - t_init if started else 0.0
+    log.info("run %s: Ray ready after %.2fs%s", stages.run_id, ray_init_s, "" if started else " (already running)")
     try:
         ds, resources = build_dataset(stages, work, writer)
         stats = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-        _drain(stats, totals.add_stats, totals, work.rows, stages.run_id, progress)
+        first = _drain(stats, totals.add_stats, totals, work.rows, stages.run_id, progress)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray's SIGTERM handler: stop Ray before exiting
         if started:
             shutdown_ray()
         raise
-    return resources, totals
+    return {**resources, "ray_init_s": round(ray_init_s, 3), "first_batch_s": _since(t0, first)}, totals
+
+
+def _since(t0: float, t: float | None) -> float | None:
+    """Seconds from ``t0`` to ``t`` (``perf_counter`` readings), rounded like the manifest's timings."""
+    return None if t is None else round(t - t0, 3)
 
 
 def _drain(
@@ -134,16 +150,20 @@ def _drain(
     total: int,
     run_id: str,
     progress: ProgressFn | None,
-) -> None:
+) -> float | None:
     """Hand every batch to ``consume`` (which updates ``totals``), reporting progress and logging the rate.
 
-    The batch iterator is closed on the way out, so that an interrupt stops its producers (Ray Data's executor,
-    the local decode thread) before anything else happens.
+    Returns when the first batch arrived (``perf_counter``; None without a batch): the end of the start-up. The
+    batch iterator is closed on the way out, so that an interrupt stops its producers (Ray Data's executor, the
+    local decode thread) before anything else happens.
     """
     t0 = last_log = time.perf_counter()
+    first: float | None = None
     it = iter(batches)
     try:
         for batch in it:
+            if first is None:
+                first = time.perf_counter()
             consume(batch)
             done = totals.done + totals.duplicates
             if progress is not None:
@@ -156,6 +176,7 @@ def _drain(
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    return first
 
 
 def work_batches(work: Work, storage_options: dict[str, Any] | None, rows: int) -> Iterator[pa.Table]:
@@ -294,9 +315,7 @@ def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Datas
     ctx.execution_options.preserve_order = False
     plan = plan_resources(stages.cfg)
     cfg = stages.cfg
-    ds: Dataset = ray.data.read_parquet(
-        [strip(f) for f in work.files], filesystem=_arrow_fs(work.files[0], cfg.storage_options), partitioning=None
-    )
+    ds = read_work(work, cfg.storage_options)
     # A work file is one block of up to 50,000 uris: cut it into blocks of one model batch (streaming, by Ray
     # tasks), so decode runs in parallel and every stage streams (one big block would be decoded by one task
     # and reach the write stage only at the end of the run).
@@ -324,6 +343,20 @@ def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Datas
         )
     plan["write_tasks"] = cfg.write_tasks
     return ds, plan
+
+
+def read_work(work: Work, storage_options: dict[str, Any] | None) -> Dataset:
+    """The run's work files as a Dataset, read by Ray's first Parquet datasource (``PARQUET_DATASOURCE_V2``)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    default, ctx.use_datasource_v2 = ctx.use_datasource_v2, PARQUET_DATASOURCE_V2
+    try:  # read_parquet picks its datasource now: the process's default is put back for any other reader
+        return ray.data.read_parquet(
+            [strip(f) for f in work.files], filesystem=_arrow_fs(work.files[0], storage_options), partitioning=None
+        )
+    finally:
+        ctx.use_datasource_v2 = default
 
 
 def write_rows(rows_per_shard: int, rows: int) -> int:
