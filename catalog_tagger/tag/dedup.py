@@ -12,8 +12,6 @@ and sidecar first, then the old one removed), which a rerun repeats idempotently
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import pyarrow.compute as pc
 from catalog_tagger.schema import IDENTITY_COLUMNS
 from catalog_tagger.storage import filesystem, retry_transient, strip
 from catalog_tagger.tag import delta, writer
+from catalog_tagger.tag.diff import duckdb_session
 from catalog_tagger.tag.latest import settles
 from catalog_tagger.tag.writer import PartWriter, StagedFile
 
@@ -56,17 +55,6 @@ class Dropped:
     meanwhile: int = 0  # rows another run committed first
     repeats: int = 0  # rows that were in two files of this run
     runs: list[str] = field(default_factory=list)  # runs committed since this run planned (same model)
-
-
-def connect() -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with bounded memory that spills to a private temporary folder."""
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'")
-    con.execute(f"SET temp_directory='{tempfile.mkdtemp(prefix='catalog-tagger-duckdb-')}'")
-    con.execute(f"SET threads={max(1, min(4, os.cpu_count() or 1))}")
-    return con
 
 
 def _staged_batches(sink: PartWriter, files: list[StagedFile]) -> Iterator[pa.RecordBatch]:
@@ -130,6 +118,19 @@ def _other_rows(table: DeltaTable, run_ids: list[str]) -> pa.RecordBatchReader:
     return ds.scanner(columns=IDENTITY_COLUMNS, filter=flt).to_reader()
 
 
+def _one_unique_file(sink: PartWriter, files: list[StagedFile]) -> bool:
+    """Whether the run wrote a single file whose uris are unique (a nightly run's few new images): then no row can
+    repeat, and with no run committed meanwhile the commit needs no DuckDB pass."""
+    import pyarrow.parquet as pq
+
+    if len(files) != 1:
+        return False
+    fs = filesystem(sink.output, sink.storage_options)
+    path = strip(writer.data_uri(sink.output, files[0].path))
+    uris = retry_transient(partial(pq.read_table, path, columns=["uri"], filesystem=fs), f"read {path}")["uri"]
+    return bool(pc.count_distinct(uris).as_py() == len(uris))
+
+
 def drop_duplicates(
     sink: PartWriter, table: DeltaTable, files: list[StagedFile], *, known_version: int, model_version: str
 ) -> Dropped:
@@ -139,7 +140,9 @@ def drop_duplicates(
         for r in delta.runs_after(table, known_version)
         if r.manifest.get("model_version") == model_version and r.run_id != sink.run_id
     ]
-    con = connect()
+    if not runs and _one_unique_file(sink, files):
+        return Dropped(files=files, runs=runs)  # nothing to compare with: the DuckDB pass would find nothing
+    con = duckdb_session(DUCKDB_MEMORY)
     try:
         other = _other_rows(table, runs) if runs else None
         drop, meanwhile, repeats = _duplicate_rows(con, sink, files, other)
@@ -174,7 +177,7 @@ def _rewrite(sink: PartWriter, staged: StagedFile, drop: set[int]) -> StagedFile
     new: StagedFile | None = None
     if rows.num_rows:
         share = rows.num_rows / max(1, staged.rows)
-        timing: dict[str, Any] = {k: getattr(staged, k) * share for k in ("accel_s", "single_s", "decode_s")}
+        timing: dict[str, Any] = {k: getattr(staged, k) * share for k in tuple(writer.TIMING_COLS)}
         new = sink.write(rows, timing)
     if new is None or new.path != staged.path:
         writer.remove_staged(sink.output, sink.run_id, staged, sink.storage_options)

@@ -1,8 +1,9 @@
 """The nightly diff, out of core: the listing made unique and sorted, minus the images whose committed row (this
 model version, same identity) settles them, minus what this run already wrote (resume), written as work files.
 
-A ``Diff`` is one DuckDB database file in a private temporary folder, under a memory limit (DuckDB spills to that
-folder beyond it): the listing's batches are appended as they stream in (with their position, so that the first of
+A ``Diff`` is one connection to the process's DuckDB database (``duckdb_session``: in memory, under a memory limit,
+spilling to a private temporary folder beyond it; its tables are temporary, so they are the connection's own and
+go when it closes): the listing's batches are appended as they stream in (with their position, so that the first of
 repeated uris wins), made unique and sorted there, joined with ``latest``'s identity columns and anti-joined with
 the uris of this run's written files; the result goes to Parquet work files under the run's staging folder, which
 the executors read in batches (Ray with ``read_parquet``). The driver never holds the listing nor the work list.
@@ -12,11 +13,14 @@ Identity of an image between runs: its ETag when both sides have one; else size 
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import math
 import os
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,21 +38,22 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = "work"
 WORK_FILE_MAX_ROWS = 50_000  # rows per work file at most (one Ray read task each)
-WORK_FILES_MIN = 8  # a small run is still cut into this many files (when it has the rows), for parallel reads
+WORK_FILES_MIN = 8  # a run is still cut into this many files (when it has the rows), for parallel reads...
+WORK_FILE_MIN_ROWS = 1024  # ...of this many rows at least: a nightly run's few new images stay one model batch
 MEMORY_LIMIT = "256MB"  # DuckDB's share of the driver while planning; it spills to disk beyond it
 # a scan of the committed state reads a few batches ahead (not pyarrow's default 16 batches x 4 files), and a
 # row group's column chunks as it decodes them (pre_buffer would hold a whole row group: ~100 MB at 10^6 rows)
 _READAHEAD = {"batch_size": 65_536, "batch_readahead": 2, "fragment_readahead": 1}
 
-_RAW = "CREATE TABLE raw (pos BIGINT, uri VARCHAR NOT NULL, size BIGINT, etag VARCHAR, mtime TIMESTAMPTZ)"
+_RAW = "CREATE TEMP TABLE raw (pos BIGINT, uri VARCHAR NOT NULL, size BIGINT, etag VARCHAR, mtime TIMESTAMPTZ)"
 # one row per uri: the first listed (a manifest may repeat a uri with other columns)
 _UNIQUE = """
-    CREATE TABLE uniq AS
+    CREATE TEMP TABLE uniq AS
     SELECT uri, f.size AS size, f.etag AS etag, f.mtime AS mtime
     FROM (SELECT uri, arg_min({'size': size, 'etag': etag, 'mtime': mtime}, pos) AS f FROM raw GROUP BY uri)
 """
 _DIFF = """
-    CREATE TABLE diffed AS
+    CREATE TEMP TABLE diffed AS
     SELECT c.uri, c.size, c.etag, c.mtime,
            CASE WHEN p.uri IS NOT NULL AND NOT (c.etag IS NOT NULL AND p.etag IS NOT NULL)
                      AND NOT (c.size IS NOT NULL AND c.mtime IS NOT NULL AND p.size IS NOT NULL
@@ -74,6 +79,33 @@ _COUNTS = """
            count(*) FILTER (WHERE resumed)
     FROM diffed
 """
+
+
+_DB: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (the process that opened it, the database)
+_DB_LOCK = threading.Lock()
+
+
+def duckdb_session(memory_limit: str) -> duckdb.DuckDBPyConnection:
+    """A new connection to this process's one in-memory DuckDB database, whose memory limit becomes ``memory_limit``
+    (it spills to a private temporary folder beyond it). Opening a DuckDB database costs ~13 ms, a connection to an
+    open one microseconds: planning and the commit's dedup each took one per run. Keep what a connection creates
+    ``TEMP`` (its own, dropped when it closes); the limit is the database's, set by the latest session."""
+    import duckdb
+
+    global _DB
+    with _DB_LOCK:
+        if _DB is None or _DB[0] != os.getpid():  # a forked child never shares its parent's database
+            folder = tempfile.mkdtemp(prefix="catalog-tagger-duckdb-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            config: dict[str, str | bool | int | float | list[str]] = {
+                "memory_limit": memory_limit,
+                "temp_directory": folder,
+                "threads": max(1, min(4, os.cpu_count() or 1)),
+            }
+            _DB = (os.getpid(), duckdb.connect(":memory:", config=config))
+        con = _DB[1].cursor()
+    con.execute(f"SET memory_limit='{memory_limit}'")
+    return con
 
 
 @dataclass(frozen=True)
@@ -105,18 +137,7 @@ class Diff:
     committed state, then ``write`` the work files (or not: ``tag --plan-only``)."""
 
     def __init__(self) -> None:
-        import duckdb
-
-        self._folder = tempfile.TemporaryDirectory(prefix="catalog-tagger-plan-")
-        threads = max(1, min(4, os.cpu_count() or 1))
-        config: dict[str, str | bool | int | float | list[str]] = {
-            "memory_limit": MEMORY_LIMIT,
-            "temp_directory": self._folder.name,
-            "threads": threads,
-        }
-        self.con: duckdb.DuckDBPyConnection = duckdb.connect(
-            os.path.join(self._folder.name, "plan.duckdb"), config=config
-        )
+        self.con = duckdb_session(MEMORY_LIMIT)
         self.con.execute(_RAW)
         self._pos = 0
         self.counts: Counts | None = None
@@ -125,8 +146,7 @@ class Diff:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.con.close()
-        self._folder.cleanup()
+        self.con.close()  # its temporary tables (and what they spilled) go with it
 
     def add(self, batch: pa.RecordBatch) -> None:
         """Append one listing batch (LISTING_SCHEMA), numbering its rows after the ones before."""
@@ -143,7 +163,7 @@ class Diff:
         self.con.execute("DROP TABLE raw")
         unique = self._count("uniq")
         if limit is not None and unique > limit:
-            self.con.execute(f"CREATE TABLE listing AS SELECT * FROM uniq ORDER BY uri LIMIT {int(limit)}")
+            self.con.execute(f"CREATE TEMP TABLE listing AS SELECT * FROM uniq ORDER BY uri LIMIT {int(limit)}")
             self.con.execute("DROP TABLE uniq")
         else:
             self.con.execute("ALTER TABLE uniq RENAME TO listing")
@@ -196,14 +216,15 @@ def _done_reader(done: pads.Dataset | None) -> pa.RecordBatchReader:
 
 def _write_files(batches: pa.RecordBatchReader, rows: int, staging: str, opts: dict[str, Any] | None) -> list[str]:
     """Stream the work rows into files of at most ``WORK_FILE_MAX_ROWS`` rows (and at least ``WORK_FILES_MIN``
-    files when there are that many rows), replacing an earlier attempt's work files."""
+    files when each still holds ``WORK_FILE_MIN_ROWS``), replacing an earlier attempt's work files. The local
+    executor predicts file by file: ten new images in five files would be five forward passes instead of one."""
     import pyarrow.parquet as pq
 
     folder = work_dir(staging)
     fs = filesystem(folder, opts)
     if retry_transient(lambda: fs.exists(strip(folder)), f"stat {folder}"):
         retry_transient(lambda: fs.rm(strip(folder), recursive=True), f"remove {folder}")
-    per_file = max(1, min(WORK_FILE_MAX_ROWS, math.ceil(rows / WORK_FILES_MIN)))
+    per_file = min(WORK_FILE_MAX_ROWS, max(WORK_FILE_MIN_ROWS, math.ceil(rows / WORK_FILES_MIN)))
     files: list[str] = []
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
