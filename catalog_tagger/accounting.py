@@ -1,181 +1,125 @@
-"""Accelerator-hours: measured cost of the multi-head run vs calibrated cost of n single-task models."""
+"""The savings report: what one multi-head model used against what n single-task models would have, in two views.
+
+- **Busy** time: seconds the model's forward passes took (synchronised on a GPU), summed over the run's batches:
+  what the model used. The n single-task models' busy time is that times the calibration's factor
+  (``calibration.py``: measured once per model, device, batch size and precision, with its interval).
+- **Allocated** time: devices x the wall time of the predict stage: what the bill shows. Each of the n single-task
+  pipelines would keep this run's idle time (decode, I/O, start-up) and add its own busy time.
+
+Every counterfactual figure carries the interval that the calibration's interval gives it (``_low``/``_high``).
+Money: GPU runs at a price per GPU-hour; CPU runs at a price per CPU core-hour when one is given, else "not priced"
+(never at a GPU rate). Decoding is CPU work either way: n pipelines would decode every image n times.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    from catalog_tagger.calibration import Calibration, Interval
 
-from catalog_tagger.model.inference import autocast
-from catalog_tagger.model.multihead import MultiHeadModel
-
-log = logging.getLogger(__name__)
-
-DEFAULT_PRICE_PER_HOUR = 2.50  # USD per accelerator-hour: roughly an on-demand cloud A10G/L4-class GPU in 2026
-CALIBRATION_REPEATS = 7
-CALIBRATION_WARMUP = 3
-# What the Predictor spends on calibration at actor start: a small slice of the first batch, fewer repeats.
-PREDICTOR_CALIBRATION_IMAGES = 16
-PREDICTOR_CALIBRATION_REPEATS = 5
-PREDICTOR_CALIBRATION_WARMUP = 2
+DEFAULT_PRICE_PER_HOUR = 2.50  # USD per GPU-hour: roughly an on-demand cloud A10G/L4-class GPU in 2026
+METHOD_NONE = "none"  # calibrate=False: no single-task figures
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class Pricing:
+    """What an hour costs: GPUs per device-hour, CPUs per core-hour (None: CPU runs are not priced)."""
+
+    gpu_per_hour: float = DEFAULT_PRICE_PER_HOUR
+    cpu_core_per_hour: float | None = None
 
 
-def time_interleaved(
-    fns: Sequence[Callable[[], object]], device: torch.device, *, repeats: int, warmup: int
-) -> list[list[float]]:
-    """Seconds of each call of each of ``fns``: ``warmup`` untimed rounds, then ``repeats`` timed ones.
-
-    Every round runs all of them in turn (f0, f1, ..., f0, f1, ...), so background load on a shared machine
-    is spread over all alike instead of biasing whichever ran during a busy spell. The device is synchronised
-    around each call, so asynchronous CUDA work counts where it was queued. Callers take the minimum or median.
-    """
-    for _ in range(warmup):  # oneDNN primitive creation, allocator, cudnn autotune
-        for fn in fns:
-            fn()
-    seconds: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, samples in zip(fns, seconds, strict=True):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples.append(time.perf_counter() - t0)
-    return seconds
-
-
-def calibrate_single_task(
-    model: MultiHeadModel,
-    images: np.ndarray,
-    repeats: int = CALIBRATION_REPEATS,
-    warmup: int = CALIBRATION_WARMUP,
-) -> dict[str, float]:
-    """Time, on the same batch and device, the multi-head model vs a single-task model of the same architecture.
-
-    A single-task model is the backbone plus one head (the first task's), with the same input preparation.
-    Runs alternate so machine noise hits both alike; the ratio of the minima is returned.
-    """
-    device = model.mean.device
-    x_np = torch.from_numpy(np.ascontiguousarray(images))
-    first = next(iter(model.heads))
-
-    def multi() -> None:
-        with torch.inference_mode(), autocast(device):
-            out = model(model.prepare(x_np))
-            for v in out.logits.values():
-                v.float().cpu()
-            out.embedding.float().cpu()
-
-    def single() -> None:
-        with torch.inference_mode(), autocast(device):
-            emb = model.forward_features(model.prepare(x_np))
-            model.forward_head(emb, first).float().cpu()
-
-    tm, ts = time_interleaved([multi, single], device, repeats=repeats, warmup=warmup)
-    # The minimum is the least noisy estimate of a fixed amount of work on a shared machine.
-    m, s = min(tm), min(ts)
-    ratio = s / m if m > 0 else 1.0
-    log.info("calibration on %s: multi-head %.4fs, single-task %.4fs per batch of %d", device, m, s, len(images))
-    return {"multi_s": m, "single_s": s, "single_over_multi": ratio, "batch": float(len(images))}
-
-
-def calibrate_baselines(
-    model: MultiHeadModel,
-    baselines: list[MultiHeadModel],
-    images: np.ndarray,
-    *,
-    repeats: int = CALIBRATION_REPEATS,
-    warmup: int = CALIBRATION_WARMUP,
-) -> dict[str, float]:
-    """Time the user's own single-task models against the multi-head model on the same batch and device.
-
-    Returns ``single_over_multi`` = (sum of the baselines' times) / (multi-head time): what running all of them
-    costs per unit of measured multi-head time. Minimum of interleaved repeats, as in ``calibrate_single_task``.
-    """
-    device = model.mean.device
-    x = torch.from_numpy(np.ascontiguousarray(images))
-
-    def forward(m: MultiHeadModel) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode(), autocast(device):
-                out = m(m.prepare(x))
-                for v in out.logits.values():
-                    v.float().cpu()
-
-        return run
-
-    times = time_interleaved([forward(m) for m in (model, *baselines)], device, repeats=repeats, warmup=warmup)
-    best = [min(t) for t in times]
-    ratio = sum(best[1:]) / best[0] if best[0] > 0 else float(len(baselines))
-    log.info("baseline calibration on %s: multi-head %.4fs, %d single-task models %.4fs", device, best[0],
-             len(baselines), sum(best[1:]))  # fmt: skip
-    return {"multi_s": best[0], "single_s": sum(best[1:]), "single_over_multi": ratio, "batch": float(len(images))}
-
-
-@dataclass
-class Savings:
-    """The savings report of one run (in the manifest, on the console, in the HTML report)."""
+@dataclass(frozen=True)
+class Usage:
+    """What the run measurably used."""
 
     images: int  # images the model ran on (ok rows)
     tasks: int
-    device: str
-    multi_head_accel_s: float  # measured busy time of the multi-head model
-    single_task_accel_s: float  # what n single-task models would need (see ``method``)
-    accel_hours_saved: float
-    fraction_saved: float
-    price_per_hour: float
-    cost_saved: float
-    decode_cpu_s: float  # measured CPU time of read + decode in this run
-    decode_cpu_s_saved: float  # n pipelines decode n times: (n - 1) x decode_cpu_s
-    method: str  # "calibrated" | "baseline-artifacts"
+    device: str  # "cpu" | "cuda"
+    devices: int  # predictors (one device each): what the predict stage held
+    cores_per_device: int  # CPU cores one predictor's forward pass uses (its torch threads); 1 on a GPU
+    busy_s: float  # summed forward-pass seconds (every attempt's batches)
+    allocated_s: float | None  # devices x the predict stage's wall time (this attempt; None: not known)
+    decode_cpu_s: float  # summed CPU seconds of read + decode
 
-    @property
-    def multi_head_accel_hours(self) -> float:
-        return self.multi_head_accel_s / 3600.0
 
-    @property
-    def single_task_accel_hours(self) -> float:
-        return self.single_task_accel_s / 3600.0
+def _put(out: dict[str, Any], key: str, iv: Interval | None) -> None:
+    """``key``, ``key_low`` and ``key_high`` from ``iv`` (all None without it)."""
+    out[key] = None if iv is None else iv.value
+    out[f"{key}_low"] = None if iv is None else iv.low
+    out[f"{key}_high"] = None if iv is None else iv.high
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["multi_head_accel_hours"] = self.multi_head_accel_hours
-        d["single_task_accel_hours"] = self.single_task_accel_hours
-        return d
+
+@dataclass(frozen=True)
+class _View:
+    """One view of the cost: what the multi-head run used and what the n single-task runs would (with range)."""
+
+    used_s: float
+    single_s: Interval
+    saved_h: Interval
+    fraction: Interval
+
+
+def _view(used_s: float, idle_s: float, busy_s: float, tasks: int, factor: Interval) -> _View:
+    """n single-task runs: each keeps ``idle_s`` (0 in the busy view) and adds its busy share (``busy_s x factor``
+    in all)."""
+    single = factor.map(lambda f: tasks * idle_s + busy_s * f)
+    return _View(
+        used_s=used_s,
+        single_s=single,
+        saved_h=single.map(lambda s: max(s - used_s, 0.0) / 3600.0),
+        fraction=single.map(lambda s: max(1.0 - used_s / s, 0.0) if s > 0 else 0.0),
+    )
+
+
+def _price(usage: Usage, pricing: Pricing) -> tuple[float | None, str | None]:
+    """(USD per device-hour, what that is) for the run's device; (None, None) for an unpriced CPU run."""
+    if usage.device == "cuda":
+        return pricing.gpu_per_hour, "GPU-hour"
+    if pricing.cpu_core_per_hour is None:
+        return None, None
+    return pricing.cpu_core_per_hour * usage.cores_per_device, f"{usage.cores_per_device} CPU core-hour(s)"
+
+
+def _times(iv: Interval, price: float) -> Interval:
+    return iv.map(lambda h: h * price)
 
 
 def compute_savings(
-    *,
-    images: int,
-    tasks: int,
-    device: str,
-    multi_s: float,
-    single_s: float,
-    decode_s: float,
-    price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
-    method: str = "calibrated",
-) -> Savings:
-    saved_s = max(single_s - multi_s, 0.0) if single_s > 0 else 0.0
-    return Savings(
-        images=images,
-        tasks=tasks,
-        device=device,
-        multi_head_accel_s=multi_s,
-        single_task_accel_s=single_s,
-        accel_hours_saved=saved_s / 3600.0,
-        fraction_saved=(saved_s / single_s) if single_s > 0 else 0.0,
-        price_per_hour=price_per_hour,
-        cost_saved=saved_s / 3600.0 * price_per_hour,
-        decode_cpu_s=decode_s,
-        decode_cpu_s_saved=decode_s * max(tasks - 1, 0),
-        method=method,
-    )
+    usage: Usage, calibration: Calibration | None, pricing: Pricing, *, notes: list[str] | None = None
+) -> dict[str, Any]:
+    """The run's savings, as the manifest carries them under ``savings`` (flat keys; ranges as ``_low``/``_high``)."""
+    factor = None if calibration is None else calibration.factor
+    out: dict[str, Any] = {
+        "images": usage.images,
+        "tasks": usage.tasks,
+        "device": usage.device,
+        "devices": usage.devices,
+        "method": METHOD_NONE if calibration is None else calibration.method,
+    }
+    _put(out, "factor", factor)
+    busy = None if factor is None else _view(usage.busy_s, 0.0, usage.busy_s, usage.tasks, factor)
+    alloc = None
+    if factor is not None and usage.allocated_s is not None:
+        idle = max(usage.allocated_s - usage.busy_s, 0.0)
+        alloc = _view(usage.allocated_s, idle, usage.busy_s, usage.tasks, factor)
+    out["multi_head_accel_s"] = usage.busy_s
+    _put(out, "single_task_accel_s", None if busy is None else busy.single_s)
+    _put(out, "accel_hours_saved", None if busy is None else busy.saved_h)
+    _put(out, "fraction_saved", None if busy is None else busy.fraction)
+    out["allocated_accel_s"] = usage.allocated_s
+    _put(out, "single_task_allocated_s", None if alloc is None else alloc.single_s)
+    _put(out, "allocated_hours_saved", None if alloc is None else alloc.saved_h)
+    _put(out, "allocated_fraction_saved", None if alloc is None else alloc.fraction)
+    price, unit = _price(usage, pricing)
+    out["price_per_hour"], out["price_unit"] = price, unit
+    for key, view in (("cost_saved", busy), ("allocated_cost_saved", alloc)):
+        _put(out, key, None if view is None or price is None else _times(view.saved_h, price))
+    out["decode_cpu_s"] = usage.decode_cpu_s
+    out["decode_cpu_s_saved"] = usage.decode_cpu_s * max(usage.tasks - 1, 0)
+    cpu = pricing.cpu_core_per_hour
+    out["decode_cost_saved"] = None if cpu is None else out["decode_cpu_s_saved"] / 3600.0 * cpu
+    out["notes"] = [*(calibration.notes if calibration else []), *(notes or [])]
+    return out

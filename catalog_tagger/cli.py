@@ -157,8 +157,15 @@ def tag(
     full: Annotated[bool, typer.Option("--full", help="Re-tag everything, not only new or changed images.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Tag at most N images.")] = None,
     price_per_hour: Annotated[
-        float | None, typer.Option("--price-per-hour", help="USD per accelerator-hour for the savings report.")
+        float | None, typer.Option("--price-per-hour", help="USD per GPU-hour for the savings report (2.50).")
     ] = None,
+    price_per_cpu_hour: Annotated[
+        float | None,
+        typer.Option("--price-per-cpu-hour", help="USD per CPU core-hour: prices CPU runs (default: not priced)."),
+    ] = None,
+    recalibrate: Annotated[
+        bool, typer.Option("--recalibrate", help="Measure the single-task calibration again, even if one is stored.")
+    ] = False,
     allowed_root: Annotated[
         str | None, typer.Option("--allowed-root", help="Refuse the run if any image uri resolves outside this folder.")
     ] = None,
@@ -212,7 +219,8 @@ def tag(
         allowed_root=allowed_root, rows_per_shard=rows_per_shard, shard_seconds=shard_seconds,
         max_image_bytes=max_image_bytes, read_timeout_s=read_timeout_s, read_deadline_s=read_deadline_s,
         max_image_pixels=max_image_pixels, allow_task_change=allow_task_change or None, write_tasks=write_tasks,
-        baseline=list(baseline) if baseline else None,
+        baseline=list(baseline) if baseline else None, price_per_cpu_hour=price_per_cpu_hour,
+        recalibrate=recalibrate or None,
     )  # fmt: skip
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume

@@ -13,6 +13,7 @@ import duckdb
 import pyarrow as pa
 
 from catalog_tagger.errors import UserError
+from catalog_tagger.figures import savings_keys
 from catalog_tagger.schema import BASE_FIELDS, RUNS_TYPE, STATUS_OK, RunCounts, RunManifest, RunTimings
 from catalog_tagger.storage import filesystem, is_local, redact, strip
 from catalog_tagger.tag import delta
@@ -30,9 +31,14 @@ _GLOB_CHARS = ("*", "?", "[")
 _TS = pa.timestamp("us", tz="UTC")
 
 
+_SAVINGS_TYPES = {k: pa.int64() for k in ("images", "tasks", "devices")} | {
+    k: pa.string() for k in ("device", "method", "price_unit")
+}
+
+
 # The `runs` table: one row per committed run, the manifest flattened. (column, manifest path, type)
 # The run's own fields, counts.* and timings.* come from the manifest model (schema.RunManifest): every field it
-# marks as a runs column is one, under its own name. savings.* (accounting.Savings) keep their key too, except
+# marks as a runs column is one, under its own name. savings.* (figures.savings_keys) keep their key too, except
 # savings.tasks (a count), which is `n_tasks` beside `tasks` (the task names).
 def _manifest_columns(model: type, path: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...], pa.DataType]]:
     return [(f.name, (*path, f.name), f.metadata[RUNS_TYPE]) for f in fields(model) if RUNS_TYPE in f.metadata]
@@ -42,19 +48,11 @@ RUNS_COLUMNS: tuple[tuple[str, tuple[str, ...], pa.DataType], ...] = (
     *_manifest_columns(RunManifest),
     *_manifest_columns(RunCounts, ("counts",)),
     *_manifest_columns(RunTimings, ("timings",)),  # decode_cpu_s: same value as savings.decode_cpu_s
-    ("images", ("savings", "images"), pa.int64()),
-    ("n_tasks", ("savings", "tasks"), pa.int64()),
-    ("device", ("savings", "device"), pa.string()),
-    ("multi_head_accel_s", ("savings", "multi_head_accel_s"), pa.float64()),
-    ("single_task_accel_s", ("savings", "single_task_accel_s"), pa.float64()),
-    ("multi_head_accel_hours", ("savings", "multi_head_accel_hours"), pa.float64()),
-    ("single_task_accel_hours", ("savings", "single_task_accel_hours"), pa.float64()),
-    ("accel_hours_saved", ("savings", "accel_hours_saved"), pa.float64()),
-    ("fraction_saved", ("savings", "fraction_saved"), pa.float64()),
-    ("price_per_hour", ("savings", "price_per_hour"), pa.float64()),
-    ("cost_saved", ("savings", "cost_saved"), pa.float64()),
-    ("decode_cpu_s_saved", ("savings", "decode_cpu_s_saved"), pa.float64()),
-    ("method", ("savings", "method"), pa.string()),
+    *(
+        ("n_tasks" if key == "tasks" else key, ("savings", key), _SAVINGS_TYPES.get(key, pa.float64()))
+        for key in savings_keys()
+        if key != "decode_cpu_s"  # the timings' column, same value
+    ),
 )
 RUNS_SCHEMA = pa.schema([pa.field(name, typ) for name, _, typ in RUNS_COLUMNS])
 

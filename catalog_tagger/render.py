@@ -1,8 +1,6 @@
-"""How results are shown to people: number formats, the savings fields, and the console's tables and progress.
-
-``SAVINGS_FIELDS`` is the one list of the savings numbers (manifest key, label, format): the console summary, the
-HTML report and the Prefect artifacts all show them through ``savings_rows``. The library itself only logs; the
-CLI and the demo print through the functions here.
+"""How results are shown on the console: tables, progress, a run's summary (its figures come from ``figures.py``,
+the one place that formats them for the console, the HTML report and the Prefect artifacts alike). The library
+itself only logs; the CLI and the demo print through the functions here.
 """
 
 from __future__ import annotations
@@ -10,13 +8,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
+from catalog_tagger.figures import savings_notes, savings_rows, timing_rows
 from catalog_tagger.kinds import KINDS
 
 if TYPE_CHECKING:
@@ -29,88 +27,6 @@ if TYPE_CHECKING:
 TABLE_MAX_ROWS = 200  # rows a terminal table of query results shows; csv/json/parquet write them all
 # The test metrics shown after training: the headline metrics of every kind, in order.
 TRAIN_METRICS = tuple(dict.fromkeys(key for kind in KINDS.values() for key in kind.headline))
-
-
-# --------------------------------------------------------------------------------------------- number formats
-def num(v: float | None, digits: int = 4) -> str:
-    """A quantity readable at any scale: fixed ``digits`` decimals from 0.1 up, three significant digits below."""
-    if v is None:
-        return "n/a"
-    return f"{v:,.{digits}f}" if v == 0 or abs(v) >= 0.1 else f"{v:.3g}"
-
-
-def money(v: float | None) -> str:
-    """US dollars: cents from one cent up, three significant digits below."""
-    if v is None:
-        return "n/a"
-    return f"${v:,.2f}" if v == 0 or abs(v) >= 0.01 else f"${v:.3g}"
-
-
-def count(v: int | None) -> str:
-    """A whole number with thousands separators."""
-    return "n/a" if v is None else f"{v:,}"
-
-
-def percent(v: float | None) -> str:
-    """A fraction as a percentage with one decimal."""
-    return "n/a" if v is None else f"{v:.1%}"
-
-
-def text(v: Any) -> str:
-    """Any value as text."""
-    return "n/a" if v is None else str(v)
-
-
-def _cpu_hours(seconds: float | None) -> str:
-    return num(None if seconds is None else seconds / 3600.0)
-
-
-# --------------------------------------------------------------------------------------------- savings
-@dataclass(frozen=True)
-class SavingsField:
-    """One number of a run's savings (``Savings.to_dict()`` in the manifest) and how people see it."""
-
-    key: str  # key in the manifest's ``savings``
-    label: str  # may name {method_note} and {price}, filled from the same savings
-    show: Callable[[Any], str]  # raw manifest value -> shown text (the unit is in the label or the text)
-    detail: bool = False  # raw detail: in the Prefect table artifact only, not on the console or the page
-
-
-SAVINGS_FIELDS: tuple[SavingsField, ...] = (
-    SavingsField("images", "images tagged (ok)", count),
-    SavingsField("tasks", "tasks (heads)", count),
-    SavingsField("device", "device", text),
-    SavingsField("multi_head_accel_s", "multi-head accelerator-seconds (measured)", num, detail=True),
-    SavingsField("single_task_accel_s", "single-task accelerator-seconds ({method_note})", num, detail=True),
-    SavingsField("multi_head_accel_hours", "multi-head accelerator-hours (measured)", num),
-    SavingsField("single_task_accel_hours", "single-task accelerator-hours ({method_note})", num),
-    SavingsField("accel_hours_saved", "accelerator-hours saved", num),
-    SavingsField("fraction_saved", "fraction saved", percent),
-    SavingsField("price_per_hour", "price per accelerator-hour", money, detail=True),
-    SavingsField("cost_saved", "cost saved at {price} per accelerator-hour", money),
-    SavingsField("decode_cpu_s", "decode CPU-seconds (measured)", num, detail=True),
-    SavingsField("decode_cpu_s_saved", "decode CPU-hours saved (n pipelines decode n times)", _cpu_hours),
-    SavingsField("method", "how single-task cost was measured", text),
-)
-_METHOD_NOTES = {
-    "calibrated": "calibrated: a timed single-task pass on the same device, scaled to this run; not a real "
-    "single-task run",
-    "baseline-artifacts": "measured with the user's single-task artifacts",
-}
-
-
-def savings_rows(savings: dict[str, Any], *, details: bool = False) -> list[tuple[str, str, str, Any]]:
-    """(manifest key, label, shown text, raw value) per savings field present; ``details`` adds the raw details."""
-    method = savings.get("method") or "none"
-    names = {
-        "method_note": _METHOD_NOTES.get(method, f"{method}: not measured"),
-        "price": money(savings.get("price_per_hour")),
-    }
-    return [
-        (f.key, f.label.format(**names), f.show(savings[f.key]), savings[f.key])
-        for f in SAVINGS_FIELDS
-        if f.key in savings and (details or not f.detail)
-    ]
 
 
 # --------------------------------------------------------------------------------------------- console tables
@@ -167,13 +83,14 @@ def render_run_summary(result: RunResult, console: Console) -> None:
     m = result.manifest
     for label, shown in _skip_rows(m.get("counts", {}) if m else {}):
         table.add_row(label, shown)
-    if result.processed:
-        table.add_row("throughput", f"{result.images_per_s:.1f} images/s (wall, incl. start-up)")
+    if m:
+        for _, label, shown, _ in timing_rows(m.get("timings") or {}):
+            table.add_row(label, shown)
     if m and "savings" in m:
         for _, label, shown, _ in savings_rows(m["savings"]):
             table.add_row(label, shown)
     console.print(table)
-    for note in result.notes:
+    for note in [*result.notes, *savings_notes(m)]:
         console.print(f"- {note}")
     if m:
         console.print(f"output: {result.output} (manifest runs/{result.run_id}.json)")

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from catalog_tagger.figures import VIEWS_NOTE, count, savings_notes, savings_rows, timing_rows
 from catalog_tagger.kinds import Kind
-from catalog_tagger.render import count, num, savings_rows
 
 
 @dataclass(frozen=True)
@@ -66,34 +66,36 @@ def _savings_section(m: dict[str, Any]) -> str:
     s = m.get("savings") or {}
     if not s:
         return '<section id="savings"><h2>Savings</h2><p>This run has no savings report.</p></section>'
-    multi, single = s.get("multi_head_accel_hours") or 0.0, s.get("single_task_accel_hours") or 0.0
+    multi, single = s.get("multi_head_accel_s") or 0.0, s.get("single_task_accel_s") or 0.0
     top = max(multi, single) or 1.0
     bars = (
-        '<svg class="compare" width="420" height="56" role="img" aria-label="accelerator-hours compared">'
+        '<svg class="compare" width="420" height="56" role="img" aria-label="accelerator time compared">'
         f'<rect x="175" y="4" width="{235 * single / top:.1f}" height="20" fill="#b9c6da"></rect>'
         f'<text x="0" y="19">{len(m.get("tasks") or [])} single-task models</text>'
         f'<rect x="175" y="32" width="{235 * multi / top:.1f}" height="20" fill="#2f6fdb"></rect>'
         '<text x="0" y="47">one multi-head model</text></svg>'
     )
-    frac = s.get("fraction_saved") or 0.0
+    frac = s.get("fraction_saved")
+    headline = (
+        "no single-task figures (not calibrated)" if frac is None else f"{frac:.0%} of the busy accelerator time saved"
+    )
+    notes = "".join(f'<p class="note">{esc(n)}</p>' for n in savings_notes(m))
     return (
         '<section id="savings"><h2>Savings vs one single-task model per task</h2><div class="cols">'
         f"{_kv_table(savings_rows(s), 'savings')}"
-        f'<div><p class="hl">{frac:.0%} of the accelerator time saved</p>{bars}'
-        '<p class="note">Accelerator-hours are busy time of the model (synchronised on GPU), not wall time.</p>'
-        "</div></div></section>"
+        f'<div><p class="hl">{esc(headline)}</p>{bars}'
+        f'<p class="note">{esc(VIEWS_NOTE)}</p>'
+        f"{notes}</div></div></section>"
     )
 
 
 def _throughput_section(m: dict[str, Any]) -> str:
-    c, t = m.get("counts") or {}, m.get("timings") or {}
-    ips = t.get("images_per_s")
-    rows = [
-        ("images_per_s", "images/s (tagged ok / pipeline time)", "n/a" if ips is None else f"{ips:,.1f}", ips),
-        ("wall_s", "wall time, s (incl. listing and start-up)", num(t.get("wall_s"), 1), t.get("wall_s")),
-        ("pipeline_s", "pipeline time, s", num(t.get("pipeline_s"), 1), t.get("pipeline_s")),
+    c = m.get("counts") or {}
+    rows = timing_rows(m.get("timings") or {})
+    rows += [
         ("listed", "images listed", count(c.get("listed", 0)), c.get("listed")),
         ("unchanged", "unchanged (skipped, incremental)", count(c.get("unchanged", 0)), c.get("unchanged")),
+        ("resumed", "resumed (staged by an earlier attempt)", count(c.get("resumed", 0)), c.get("resumed")),
         ("ok", "tagged ok", count(c.get("ok", 0)), c.get("ok")),
         ("error", "errors", count(c.get("error", 0)), c.get("error")),
     ]

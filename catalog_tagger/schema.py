@@ -14,7 +14,7 @@ from catalog_tagger.kinds import kind_of
 OUTPUT_SCHEMA_VERSION = 2  # 2: Delta Lake tables; embedding list<float32>; run_date partition
 # Bump on any change to the run manifest's keys (``RunManifest``). 2: counts.skipped_by_reason. 3: the Delta
 # commit lists the files: ``files``/``bytes`` are their count and size.
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4  # 4: savings with ranges, busy and allocated views, calibration record; start-up timings
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -22,7 +22,6 @@ STATUS_UNCHANGED = "unchanged"  # internal: same bytes as the last committed row
 
 # Internal columns of the work in flight: per-row seconds the sink sums for the run's accounting, then drops.
 ACCEL_COL = "_accel_s"  # share of the batch's multi-head forward time
-CALIB_COL = "_single_task_s"  # share of the calibrated single-task time
 DECODE_COL = "_decode_s"  # CPU seconds of read + decode
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -136,6 +135,11 @@ class RunTimings:
     accel_s: float = field(metadata=_SECONDS)  # summed busy seconds of the multi-head forward passes
     decode_cpu_s: float = field(metadata=_SECONDS)  # summed CPU seconds of read + decode
     images_per_s: float | None = field(metadata=_SECONDS)  # ok rows of this attempt / pipeline_s
+    # start-up of this attempt: starting or joining Ray (None: in-process executor), the calibration (reading the
+    # stored one, or measuring it), and the pipeline's first result (actors up, model loaded, first batch done)
+    ray_init_s: float | None = field(default=None, metadata=_SECONDS)
+    calibration_s: float | None = field(default=None, metadata=_SECONDS)
+    first_batch_s: float | None = field(default=None, metadata=_SECONDS)
 
 
 @dataclass
@@ -158,7 +162,7 @@ class RunManifest:
     counts: RunCounts
     timings: RunTimings
     resources: dict[str, Any]  # the executor's plan: executor, actors, num_gpus, num_cpus, threads, ...
-    savings: dict[str, Any]  # accounting.Savings.to_dict()
+    savings: dict[str, Any]  # accounting.compute_savings(...), plus the calibration record
     notes: list[str]
     files: int = field(default=0, metadata=runs_column(pa.int64()))  # data files the run's Delta commit added
     bytes: int = field(default=0, metadata=runs_column(pa.int64()))  # their total size

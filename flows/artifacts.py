@@ -10,12 +10,21 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from catalog_tagger.render import TRAIN_METRICS, savings_rows
+from catalog_tagger.figures import savings_keys, savings_notes, savings_rows, timing_rows
+from catalog_tagger.render import TRAIN_METRICS
 
 
 def savings_table(savings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the table artifact: every number of the manifest's savings, unformatted."""
-    return [{"metric": label, "key": key, "value": raw} for key, label, _, raw in savings_rows(savings, details=True)]
+    """Rows for the table artifact: every number of the manifest's savings (ranges too), unformatted."""
+    labels = {key: label for key, label, _, _ in savings_rows(savings, details=True)}
+    rows = []
+    for key in savings_keys():
+        if key in savings:
+            base = key.removesuffix("_low").removesuffix("_high")
+            bound = key[len(base) + 1 :]
+            label = labels.get(base, base) + (f" ({bound} end of its range)" if bound else "")
+            rows.append({"metric": label, "key": key, "value": savings[key]})
+    return rows
 
 
 def summary_markdown(kind: str, result: dict[str, Any], report_uri: str | None, path: str, when: str) -> str:
@@ -30,13 +39,14 @@ def summary_markdown(kind: str, result: dict[str, Any], report_uri: str | None, 
         f"| unchanged (skipped) | {result['unchanged']:,} |",
         f"| tagged ok | {result['ok']:,} |",
         f"| errors | {result['error']:,} |",
-        f"| wall time | {result['wall_s']:.1f} s |",
         f"| Ray | {path} |",
     ]
     if m is not None:
+        lines += [f"| {label} | {shown} |" for _, label, shown, _ in timing_rows(m.get("timings") or {})]
         lines += ["", "## Accelerator-hours saved: one multi-head model vs one model per task", ""]
         lines += ["| | |", "|---|---|"]
         lines += [f"| {label} | {shown} |" for _, label, shown, _ in savings_rows(m["savings"])]
+        lines += ["", *[f"- {n}" for n in savings_notes(m)]]
         manifest_uri = f"{result['output']}/runs/{result['run_id']}.json"
         lines += ["", f"Model version `{m['model_version']}`; manifest `{manifest_uri}`."]
     else:

@@ -113,6 +113,8 @@ def nightly_tagging(
     limit: int | None = None,
     batch_size: int | None = None,
     executor: str = "auto",
+    price_per_cpu_hour: float | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """Tag the new and changed images of a catalog, commit Parquet, and publish the savings report.
 
@@ -131,6 +133,8 @@ def backfill(
     limit: int | None = None,
     batch_size: int | None = None,
     executor: str = "auto",
+    price_per_cpu_hour: float | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """Re-tag every image with ``model`` (e.g. a new model version), whatever earlier runs committed."""
     return _tag_and_report("backfill", NightlyParams.parse("backfill", **locals(), full=True))

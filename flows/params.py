@@ -53,10 +53,12 @@ class NightlyParams(_Params):
     model: str  # model artifact directory (path or fsspec URL)
     ray_address: str | None = None  # local (default) | auto | ray://head:10001 | head:6379 | http://head:8265 (Jobs)
     full: bool = False  # re-tag everything, not only new or changed images
-    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)  # USD per accelerator-hour (savings report)
+    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)  # USD per GPU-hour (savings report)
     limit: int | None = Field(default=None, ge=1)  # tag at most N images (trial runs)
     batch_size: int = Field(default=64, ge=1, le=4096)  # images per forward pass
     executor: Literal["auto", "ray", "local"] = "auto"  # auto: in-process for small local CPU runs, else Ray Data
+    price_per_cpu_hour: float | None = Field(default=None, ge=0)  # USD per CPU core-hour; None: CPU runs not priced
+    recalibrate: bool = False  # measure the single-task calibration again (it is stored and reused otherwise)
 
     @field_validator("source", "output", "model")
     @classmethod

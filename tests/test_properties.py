@@ -21,7 +21,7 @@ from catalog_tagger.errors import ConfigError
 from catalog_tagger.model.artifact import ModelCard
 from catalog_tagger.model.inference import output_columns
 from catalog_tagger.model.multihead import ModelOutput
-from catalog_tagger.schema import ACCEL_COL, BASE_FIELDS, CALIB_COL, DECODE_COL, OUTPUT_SCHEMA_VERSION, output_schema
+from catalog_tagger.schema import ACCEL_COL, BASE_FIELDS, DECODE_COL, OUTPUT_SCHEMA_VERSION, output_schema
 from catalog_tagger.tag.predictor import Predictor
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,9 +189,9 @@ def test_predictor_rows_for_random_outputs_validate_against_the_schema(data, dim
     predictor = Predictor.__new__(Predictor)  # the table-building half of the actor, without a model
     predictor.card, predictor.tasks = card, cfg
     predictor.schema, predictor.run_id, predictor.tagged_at = output_schema(cfg, dim), "run-1", datetime.now(UTC)
-    table = predictor._to_table(batch, ok, cols, n, accel_s=1.0, single_s=2.0)
+    table = predictor._to_table(batch, ok, cols, n, accel_s=1.0)
     table.validate(full=True)
-    rows = table.drop_columns([ACCEL_COL, CALIB_COL, DECODE_COL])
+    rows = table.drop_columns([ACCEL_COL, DECODE_COL])
     assert rows.schema == output_schema(cfg, dim) and rows.schema.metadata == output_schema(cfg, dim).metadata
     assert abs(sum(table.column(ACCEL_COL).to_pylist()) - 1.0) < 1e-9
     buf = io.BytesIO()

@@ -88,7 +88,8 @@ def test_runs_table_flattens_manifests(tagged):
             "accel_hours_saved",
             "fraction_saved",
             "cost_saved",
-            "single_task_accel_hours",
+            "single_task_accel_s",
+            "allocated_fraction_saved_high",
             "decode_cpu_s_saved",
         ):
             assert row[key] == m["savings"][key]

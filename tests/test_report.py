@@ -13,8 +13,17 @@ from types import SimpleNamespace
 import pytest
 from modelkit import centred_model, committed_rows
 
-from catalog_tagger.accounting import compute_savings
-from catalog_tagger.render import SAVINGS_FIELDS, savings_rows
+from catalog_tagger.accounting import Pricing, Usage, compute_savings
+from catalog_tagger.calibration import Calibration, CalibrationKey, Interval
+from catalog_tagger.figures import (
+    SAVINGS_FIELDS,
+    SAVINGS_RECORDS,
+    duration,
+    hours,
+    money,
+    savings_keys,
+    savings_rows,
+)
 from catalog_tagger.report import render_report, write_report
 from catalog_tagger.synthetic.catalog import SynthConfig, generate
 from catalog_tagger.tag.job import TagJobConfig, run
@@ -70,18 +79,37 @@ def test_report_is_one_escaped_self_contained_page(tagged):
 
 def test_savings_labels_say_how_it_was_measured(tagged):
     items = {key: (label, shown) for key, label, shown, _ in savings_rows(tagged.manifest["savings"])}
-    assert "measured" in items["multi_head_accel_hours"][0]
-    assert items["single_task_accel_hours"][0].startswith("single-task accelerator-hours (calibrated")
+    assert "measured" in items["multi_head_accel_s"][0] and "busy" in items["multi_head_accel_s"][0]
+    assert items["method"][1].startswith("calibrated: the shared backbone timed")
     assert items["images"][1] == str(len(ok_rows(tagged)))
     assert set(items) >= {"accel_hours_saved", "fraction_saved", "cost_saved", "decode_cpu_s_saved", "method"}
+    assert set(items) >= {"allocated_accel_s", "allocated_hours_saved", "allocated_fraction_saved"}
 
 
 def test_every_savings_number_has_one_label() -> None:
     """The console, this page and the Prefect artifact all label the savings from SAVINGS_FIELDS: none is missing."""
-    savings = compute_savings(images=1, tasks=2, device="cpu", multi_s=1.0, single_s=2.0, decode_s=1.0).to_dict()
+    cal = Calibration(key=CalibrationKey("v", "cpu", 8, "fp32"), method="calibrated", tasks=2,
+                      factor=Interval(1.9, 1.8, 2.0), ratio=Interval(0.9, 0.8, 1.0), multi_s=0.1, rounds=9,
+                      converged=True, seconds=1.0, threads=1, measured_at="t")  # fmt: skip
+    usage = Usage(images=1, tasks=2, device="cpu", devices=1, cores_per_device=1, busy_s=1.0, allocated_s=2.0,
+                  decode_cpu_s=1.0)  # fmt: skip
+    savings = compute_savings(usage, cal, Pricing())
     keys = [f.key for f in SAVINGS_FIELDS]
-    assert sorted(keys) == sorted(savings) and len(set(keys)) == len(keys)
+    assert sorted(savings_keys()) == sorted(k for k in savings if k not in SAVINGS_RECORDS)
+    assert len(set(keys)) == len(keys)
     assert [row[0] for row in savings_rows(savings, details=True)] == keys
+
+
+@pytest.mark.parametrize(
+    ("show", "value", "text"),
+    [
+        (duration, 0.0123, "12.3 ms"), (duration, 4.25, "4.2 s"), (duration, 150, "2.5 min"),
+        (duration, 7200, "2.0 h"), (hours, 1.03e-05, "37.1 ms"), (money, 5.88e-05, "$0.000059"),
+        (money, 0.004, "$0.0040"), (money, 1234.5, "$1,234.50"), (money, 0.0, "$0.00"),
+    ],
+)  # fmt: skip
+def test_human_units(show, value, text) -> None:
+    assert show(value) == text
 
 
 def test_cli_report_paths_and_unknown_run(tagged, tmp_path):
@@ -123,14 +151,15 @@ def test_report_in_chromium(tagged, chromium_path):
             shown = page.eval_on_selector_all(
                 "[data-savings-key]", "tds => tds.map(td => [td.dataset.savingsKey, td.dataset.value, td.textContent])"
             )
-            assert {k for k, _, _ in shown} >= {"images", "multi_head_accel_hours", "single_task_accel_hours",
+            assert {k for k, _, _ in shown} >= {"images", "multi_head_accel_s", "single_task_accel_s",
                                                  "accel_hours_saved", "fraction_saved", "cost_saved",
+                                                 "allocated_accel_s", "allocated_fraction_saved",
                                                  "decode_cpu_s_saved", "method"}  # fmt: skip
             for key, raw, _ in shown:
                 assert json.loads(raw) == m["savings"][key], key
             texts = {k: t for k, _, t in shown}
             assert texts["images"] == f"{m['savings']['images']:,}"
-            assert texts["fraction_saved"] == f"{m['savings']['fraction_saved']:.1%}"
+            assert texts["fraction_saved"].startswith(f"{m['savings']['fraction_saved']:.1%}")
             tp = dict(
                 page.eval_on_selector_all(
                     "[data-throughput-key]", "tds => tds.map(td => [td.dataset.throughputKey, td.dataset.value])"

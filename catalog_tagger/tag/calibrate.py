@@ -58,12 +58,25 @@ def run_key(
     gpu = bool(resources.get("num_gpus"))
     return CalibrationKey(
         model_version=model_version,
-        device=f"cuda:{resources.get('accelerator') or 'unknown'}" if gpu else "cpu",
+        device=f"cuda:{_gpu_name(resources)}" if gpu else "cpu",
         batch=cfg.batch_size,
         # autocast picks bf16 where the GPU has it, else fp16: fixed per GPU model, which the device names
         precision="amp" if gpu else "fp32",
         baselines=baselines,
     )
+
+
+def _gpu_name(resources: dict[str, Any]) -> str:
+    """The GPU model the Predictors get: Ray's ``accelerator_type:<name>`` resources on a cluster (the driver may
+    have no GPU), torch's device name in-process."""
+    if resources.get("executor") == "ray":
+        import ray
+
+        names = sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))  # type: ignore[no-untyped-call]
+        return "+".join(names) or "unknown"
+    import torch
+
+    return str(torch.cuda.get_device_name())
 
 
 def measure_in_place(

@@ -112,6 +112,16 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
     args += ["--model", cfg.model, "--source", cfg.source, "--output", cfg.output, "--run-id", cfg.run_id]
     args += ["--ray-address", "auto", "--batch-size", str(cfg.batch_size), "--device", cfg.device]
     args += ["--price-per-hour", repr(float(cfg.price_per_hour))]
+    return shlex.join(args + _optional_args(cfg))
+
+
+def _optional_args(cfg: TagJobConfig) -> list[str]:
+    """The ``tag`` flags of the options that are set (or off their defaults)."""
+    args: list[str] = []
+    if cfg.price_per_cpu_hour is not None:
+        args += ["--price-per-cpu-hour", repr(float(cfg.price_per_cpu_hour))]
+    if cfg.recalibrate:
+        args.append("--recalibrate")
     if cfg.actors is not None:
         args += ["--actors", str(cfg.actors)]
     if cfg.limit is not None:
@@ -135,7 +145,7 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
     for name in _READ_BOUNDS:
         if getattr(cfg, name) != TagJobConfig.model_fields[name].get_default():
             args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
-    return shlex.join(args)
+    return args
 
 
 def job_runtime_env(options: JobsOptions) -> dict[str, Any]:

@@ -31,8 +31,10 @@ class TagJobConfig(BaseModel):
     allow_task_change: bool = False  # tag an output whose table holds other tasks (adds columns; see docs)
     # ...and a part file at least this often (seconds): bounds what an interrupt loses; small runs resume too
     shard_seconds: float = Field(default=60.0, gt=0)
-    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)
-    calibrate: bool = True  # time a single-task model at actor start for the savings report
+    price_per_hour: float = Field(default=DEFAULT_PRICE_PER_HOUR, ge=0)  # USD per GPU-hour (savings of GPU runs)
+    price_per_cpu_hour: float | None = Field(default=None, ge=0)  # USD per CPU core-hour; None: CPU runs not priced
+    calibrate: bool = True  # single-task figures from the stored calibration (measured once per key; calibrate.py)
+    recalibrate: bool = False  # measure the calibration again (and store it) even when one is stored
     baseline: list[str] = Field(default_factory=list)  # the user's own single-task artifacts to compare against
     storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
     decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)

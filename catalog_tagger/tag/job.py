@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from catalog_tagger.accounting import compute_savings
+from catalog_tagger.accounting import Pricing, Usage, compute_savings
 from catalog_tagger.model.artifact import ModelCard, load_card
 from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, RunCounts, RunManifest, RunTimings, output_schema
 from catalog_tagger.storage import is_local, is_storage_error, redact
-from catalog_tagger.tag import commit, delta, latest, lock, migrate, writer
+from catalog_tagger.tag import calibrate, commit, delta, latest, lock, migrate, writer
 from catalog_tagger.tag.checks import validate
 from catalog_tagger.tag.commit import Layout
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.dedup import Dropped, drop_duplicates
-from catalog_tagger.tag.executors import ProgressFn, Stages, execute
+from catalog_tagger.tag.executors import ProgressFn, Stages, execute, local_resources
 from catalog_tagger.tag.plan import RunPlan, plan_run
 from catalog_tagger.tag.sink import Totals
-from catalog_tagger.tag.writer import PartWriter
+from catalog_tagger.tag.writer import PartWriter, StagedFile
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -58,6 +58,11 @@ class RunResult:
 
     @property
     def images_per_s(self) -> float:
+        """The committed run's throughput as its manifest records it (images tagged by this attempt / pipeline
+        time: resumed images are not counted twice); without a manifest, rows / wall time."""
+        recorded = ((self.manifest or {}).get("timings") or {}).get("images_per_s")
+        if recorded is not None:
+            return float(recorded)
         return self.processed / self.wall_s if self.wall_s > 0 else 0.0
 
     @classmethod
@@ -125,6 +130,15 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     return _commit(cfg, card, planned, attempt, part_writer, schema)
 
 
+def _calibration(cfg: TagJobConfig, card: ModelCard, resources: dict[str, Any]) -> calibrate.RunCalibration | None:
+    """The calibration this run's savings use (stored, or measured now on the Predictors' kind of device)."""
+    if not cfg.calibrate:
+        return None
+    plan = resources or local_resources(cfg)  # nothing tagged by this attempt: the earlier attempts' device
+    baselines = tuple(load_card(u).version for u in cfg.baseline)
+    return calibrate.ensure(cfg, calibrate.run_key(cfg, card.version, plan, baselines), plan)
+
+
 def _already(manifest: dict[str, Any], cfg: TagJobConfig, t_start: float) -> RunResult:
     """The result of a run id that is committed already: nothing done, nothing committed twice."""
     wall_s = time.perf_counter() - t_start
@@ -175,6 +189,8 @@ def _commit(
     if not writer.staged_files(cfg.output, run_id, cfg.storage_options):
         msg = "nothing to do: no new or changed images" if planned.listed else "nothing to do: the source has no images"
         return _nothing(cfg, planned, attempt, msg)
+    with commit.output_errors(run_id, cfg.output):
+        cal = _calibration(cfg, card, attempt.resources)  # before the lock: measuring may take seconds
     with commit.output_errors(run_id, cfg.output), lock.commit_lock(layout, run_id) as held:
         # Read the sidecars again under the lock: `maintain` may have unstaged an abandoned run's files.
         files = writer.staged_files(cfg.output, run_id, cfg.storage_options)
@@ -200,10 +216,11 @@ def _commit(
         if not dropped.files:
             msg = f"nothing to commit: every tagged image was committed meanwhile by {', '.join(dropped.runs)}"
             return _nothing(cfg, planned, attempt, msg)
-        manifest = _manifest(cfg, card, planned, attempt, dropped)
+        manifest = _manifest(cfg, card, planned, attempt, dropped, cal)
         committed = commit.commit(layout, table, dropped.files, manifest, schema)
     _after_commit(cfg, layout, run_id)
-    return RunResult.from_manifest(committed, output=cfg.output, wall_s=attempt.wall_s())
+    # the manifest's wall time, so that the console, the report and the artifacts show one figure
+    return RunResult.from_manifest(committed, output=cfg.output, wall_s=float(committed["timings"]["wall_s"]))
 
 
 def _after_commit(cfg: TagJobConfig, layout: Layout, run_id: str) -> None:
@@ -238,21 +255,57 @@ def _nothing(cfg: TagJobConfig, planned: RunPlan, attempt: _Attempt, msg: str) -
     )
 
 
-def _manifest(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _Attempt, dropped: Dropped) -> RunManifest:
+def _savings(
+    cfg: TagJobConfig,
+    card: ModelCard,
+    attempt: _Attempt,
+    planned: RunPlan,
+    files: list[StagedFile],
+    cal: calibrate.RunCalibration | None,
+) -> dict[str, Any]:
+    """The run's savings: busy seconds from every attempt's files, allocated time from this attempt's pipeline."""
+    res = attempt.resources
+    gpu = bool(res.get("num_gpus"))
+    devices = int(res.get("actors") or 1)
+    notes = []
+    allocated = None  # this attempt ran no pipeline (all resumed): what earlier attempts held is not known
+    if res and attempt.totals.done:
+        allocated = devices * attempt.pipeline_s
+    if planned.work.resumed:
+        notes.append("resumed run: allocated time counts this attempt's predict stage only")
+    usage = Usage(
+        images=sum(f.ok for f in files),
+        tasks=len(card.tasks),
+        device="cuda" if gpu else "cpu",
+        devices=devices,
+        cores_per_device=1 if gpu else int(res.get("threads") or 1),
+        busy_s=sum(f.accel_s for f in files),
+        allocated_s=allocated,
+        decode_cpu_s=sum(f.decode_s for f in files),
+    )
+    savings = compute_savings(
+        usage,
+        None if cal is None else cal.calibration,
+        Pricing(cfg.price_per_hour, cfg.price_per_cpu_hour),
+        notes=notes,
+    )
+    savings["calibration"] = None if cal is None else cal.record()
+    return savings
+
+
+def _manifest(
+    cfg: TagJobConfig,
+    card: ModelCard,
+    planned: RunPlan,
+    attempt: _Attempt,
+    dropped: Dropped,
+    cal: calibrate.RunCalibration | None,
+) -> RunManifest:
     """The manifest of what is about to be committed (counts and seconds from every attempt's files)."""
     files = dropped.files
     ok, err = sum(f.ok for f in files), sum(f.error for f in files)
-    accel_s, decode_s = sum(f.accel_s for f in files), sum(f.decode_s for f in files)
-    savings = compute_savings(
-        images=ok,
-        tasks=len(card.tasks),
-        device="cuda" if attempt.resources.get("num_gpus") else "cpu",
-        multi_s=accel_s,
-        single_s=sum(f.single_s for f in files),
-        decode_s=decode_s,
-        price_per_hour=cfg.price_per_hour,
-        method=("baseline-artifacts" if cfg.baseline else "calibrated") if cfg.calibrate else "none",
-    )
+    resources = dict(attempt.resources)
+    ray_init_s, first_batch_s = resources.pop("ray_init_s", None), resources.pop("first_batch_s", None)
     work, listing, totals = planned.work, planned.listing, attempt.totals
     counts = RunCounts(
         listed=planned.listed,
@@ -273,9 +326,12 @@ def _manifest(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _At
         wall_s=round(attempt.wall_s(), 3),
         list_s=round(planned.list_s, 3),
         pipeline_s=round(pipeline_s, 3),
-        accel_s=accel_s,
-        decode_cpu_s=decode_s,
-        images_per_s=round(totals.ok / pipeline_s, 2) if pipeline_s > 0 else None,
+        accel_s=sum(f.accel_s for f in files),
+        decode_cpu_s=sum(f.decode_s for f in files),
+        images_per_s=round(totals.ok / pipeline_s, 2) if pipeline_s > 0 and totals.ok else None,
+        ray_init_s=ray_init_s,
+        calibration_s=None if cal is None else round(cal.seconds, 3),
+        first_batch_s=first_batch_s,
     )
     return RunManifest(
         run_id=planned.run_id,
@@ -291,8 +347,8 @@ def _manifest(cfg: TagJobConfig, card: ModelCard, planned: RunPlan, attempt: _At
         tasks=[t["name"] for t in card.tasks],
         counts=counts,
         timings=timings,
-        resources={**attempt.resources, "write_nodes": sorted({f.node for f in files})},
-        savings=savings.to_dict(),
+        resources={**resources, "write_nodes": sorted({f.node for f in files})},
+        savings=_savings(cfg, card, attempt, planned, files, cal),
         notes=planned.notes,
         files=len(files),
         bytes=sum(f.bytes for f in files),

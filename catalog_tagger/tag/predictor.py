@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog_tagger.kinds import kind_of
-from catalog_tagger.schema import ACCEL_COL, CALIB_COL, DECODE_COL, STATUS_ERROR, STATUS_OK, output_schema
+from catalog_tagger.schema import ACCEL_COL, DECODE_COL, STATUS_ERROR, STATUS_OK, output_schema
 
 if TYPE_CHECKING:
     from catalog_tagger.model.multihead import ModelOutput
@@ -66,7 +66,8 @@ class FaultInjection:
 
 class Predictor:
     """Ray Data actor (or one instance in the local executor): loads the model once, maps decoded batches to
-    output rows in the final schema, plus the per-row seconds the sink sums for the savings report."""
+    output rows in the final schema, plus the per-row seconds the writer sums for the savings report (the
+    single-task counterfactual is the run's stored calibration, ``tag/calibrate.py``, applied at the commit)."""
 
     def __init__(
         self,
@@ -75,10 +76,8 @@ class Predictor:
         run_id: str,
         tagged_at: datetime,
         device: str = "auto",
-        calibrate: bool = True,
         threads: int | None = None,
         faults: FaultInjection | None = None,
-        baselines: list[str] | None = None,
     ) -> None:
         import torch
 
@@ -96,12 +95,6 @@ class Predictor:
         self.tagged_at = tagged_at
         self.batches = 0
         self.faults = faults if faults is not None else FaultInjection.from_env()
-        self.calibration: dict[str, float] | None = None
-        self.calibrate = calibrate
-        # The user's own single-task artifacts (``--baseline``): timed instead of the backbone + one head.
-        self.baselines = [
-            prepare_for_inference(load_artifact(u, map_location="cpu")[0], self.device) for u in baselines or []
-        ]
         log.info("predictor on %s (torch threads %d)", self.device, torch.get_num_threads())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -112,31 +105,15 @@ class Predictor:
             self.faults.apply(self.batches)
         status = batch["status"]
         ok = np.flatnonzero(status == STATUS_OK)
-        accel_s = single_s = 0.0
+        accel_s = 0.0
         cols: dict[str, Any] = {}
         if len(ok):
             images = np.ascontiguousarray(batch["image"][ok])
-            if self.calibrate and self.calibration is None:
-                self.calibration = self._calibrate(images)
             timed = run_batch(self.model, images)
             accel_s = timed.seconds
             cols = output_columns(self.card, timed.output)
             batch = _flag_nonfinite(batch, ok, timed.output)
-            if self.calibration is not None:
-                factor = self.calibration.get("factor", self.calibration["single_over_multi"] * len(self.tasks.tasks))
-                single_s = accel_s * factor
-        return self._to_table(batch, ok, cols, len(status), accel_s, single_s)
-
-    def _calibrate(self, images: np.ndarray) -> dict[str, float]:
-        """Time, once per actor, what one model per task would cost on this batch (the savings report's basis)."""
-        from catalog_tagger import accounting
-
-        sample = images[: accounting.PREDICTOR_CALIBRATION_IMAGES]
-        repeats, warmup = accounting.PREDICTOR_CALIBRATION_REPEATS, accounting.PREDICTOR_CALIBRATION_WARMUP
-        if self.baselines:
-            cal = accounting.calibrate_baselines(self.model, self.baselines, sample, repeats=repeats, warmup=warmup)
-            return {**cal, "factor": cal["single_over_multi"]}
-        return accounting.calibrate_single_task(self.model, sample, repeats=repeats, warmup=warmup)
+        return self._to_table(batch, ok, cols, len(status), accel_s)
 
     def _to_table(
         self,
@@ -145,7 +122,6 @@ class Predictor:
         cols: dict[str, Any],
         n: int,
         accel_s: float,
-        single_s: float,
     ) -> pa.Table:
         """One row per input row: error rows keep their reason and get nulls for every prediction."""
         pos = np.full(n, -1, dtype=np.int64)  # row -> index among the ok rows (-1: not predicted)
@@ -167,8 +143,7 @@ class Predictor:
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         # Per-row share of this batch's busy time: the sink sums them (rows may arrive in any order).
         share = np.full(n, accel_s / n if n else 0.0)
-        single = np.full(n, single_s / n if n else 0.0)
-        table = table.append_column(ACCEL_COL, pa.array(share)).append_column(CALIB_COL, pa.array(single))
+        table = table.append_column(ACCEL_COL, pa.array(share))
         return table.append_column(DECODE_COL, pa.array(batch[DECODE_COL].astype(np.float64)))
 
     def _row_columns(self, batch: dict[str, np.ndarray], n: int) -> dict[str, list[Any]]:

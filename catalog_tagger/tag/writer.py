@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_tagger.schema import ACCEL_COL, CALIB_COL, DECODE_COL, STATUS_ERROR, STATUS_OK, STATUS_UNCHANGED
+from catalog_tagger.schema import ACCEL_COL, DECODE_COL, STATUS_ERROR, STATUS_OK, STATUS_UNCHANGED
 from catalog_tagger.storage import filesystem, join, retry_transient, strip, write_bytes_atomic
 from catalog_tagger.tag import delta
 
@@ -36,7 +36,7 @@ STAGING_DIR = "_staging"
 FILES_DIR = "files"
 ROW_GROUP_ROWS = 8192
 # Internal per-row seconds -> the stats key they are summed into (then dropped from the file).
-TIMING_COLS = {"accel_s": ACCEL_COL, "single_s": CALIB_COL, "decode_s": DECODE_COL}
+TIMING_COLS = {"accel_s": ACCEL_COL, "decode_s": DECODE_COL}
 STATS_SCHEMA = pa.schema(  # what a write task returns to the driver: one row per data file
     [
         ("path", pa.string()),
@@ -61,7 +61,6 @@ class StagedFile:
     bytes: int
     modified_ms: int
     accel_s: float = 0.0
-    single_s: float = 0.0
     decode_s: float = 0.0
     node: str = ""  # the Ray node (else the host) that wrote it
 

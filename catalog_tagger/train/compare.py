@@ -1,7 +1,7 @@
 """``--single-task``: one model per task on the same split and budget, then quality, size and measured speed compared.
 
 The speed is measured, not assumed: every model runs on the same batch of held-out images, interleaved, in this
-process (``accounting.time_interleaved``, the timer the tagging job's calibration uses too).
+process (``calibration.time_interleaved``, the timer the tagging job's calibration uses too).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from catalog_tagger.accounting import time_interleaved
+from catalog_tagger.calibration import time_interleaved
 from catalog_tagger.config import TaskConfig, TaskSpec
 from catalog_tagger.kinds import format_metric, kind_of
 from catalog_tagger.model.artifact import save_artifact

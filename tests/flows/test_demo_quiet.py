@@ -47,8 +47,8 @@ def test_demo_output_is_quiet(catalog_kit, tmp_path: Path) -> None:
         "tagged 20/20 images",  # progress
         "run nightly-",  # the flows' own log lines
         "images listed",  # the run summary
-        "accelerator-hours saved",  # the savings
-        "fraction saved",
+        "busy time saved",  # the savings
+        "busy time saved, fraction",
         "second run: 0 new image(s), 20 unchanged",
         "report: ",
     ):

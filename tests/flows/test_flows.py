@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from catalog_tagger.errors import ConfigError, RayJobFailed, UserError
+from catalog_tagger.figures import SAVINGS_RECORDS
 from catalog_tagger.storage import is_transient
 from catalog_tagger.tag import job as tag_job
 from flows import nightly
@@ -88,27 +89,23 @@ def test_user_error_wins_over_a_transient_cause() -> None:
         assert not is_transient(exc)
 
 
-SAVINGS = {
-    "images": 20,
-    "tasks": 4,
-    "device": "cpu",
-    "method": "calibrated",
-    "multi_head_accel_s": 1.0,
-    "single_task_accel_s": 3.0,
-    "multi_head_accel_hours": 1 / 3600,
-    "single_task_accel_hours": 3 / 3600,
-    "accel_hours_saved": 2 / 3600,
-    "fraction_saved": 2 / 3,
-    "price_per_hour": 2.5,
-    "cost_saved": 2 / 3600 * 2.5,
-    "decode_cpu_s": 0.5,
-    "decode_cpu_s_saved": 1.5,
-}
+def _savings() -> dict:
+    from catalog_tagger.accounting import Pricing, Usage, compute_savings
+    from catalog_tagger.calibration import Calibration, CalibrationKey, Interval
+
+    cal = Calibration(key=CalibrationKey("v", "cpu", 8, "fp32"), method="calibrated", tasks=4,
+                      factor=Interval(3.0, 2.8, 3.2), ratio=Interval(0.67, 0.6, 0.73), multi_s=0.1, rounds=9,
+                      converged=True, seconds=1.0, threads=1, measured_at="t")  # fmt: skip
+    usage = Usage(images=20, tasks=4, device="cpu", devices=1, cores_per_device=2, busy_s=1.0, allocated_s=2.0,
+                  decode_cpu_s=0.5)  # fmt: skip
+    return compute_savings(usage, cal, Pricing(cpu_core_per_hour=0.04))
 
 
 def test_savings_table_carries_every_number_raw() -> None:
-    rows = savings_table(SAVINGS)
-    assert {r["key"]: r["value"] for r in rows} == SAVINGS
+    savings = _savings()
+    rows = savings_table(savings)
+    assert {r["key"]: r["value"] for r in rows} == {k: v for k, v in savings.items() if k not in SAVINGS_RECORDS}
+    assert all(r["metric"] for r in rows) and len({r["metric"] for r in rows}) == len(rows)
 
 
 def test_summary_markdown_without_a_commit() -> None:
@@ -228,7 +225,9 @@ def test_artifacts_carry_the_manifest_savings(flaky_night) -> None:
     table = _artifact("nightly-savings")
     assert table.type == "table" and table.flow_run_id == state.state_details.flow_run_id
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {r["key"]: r["value"] for r in rows} == manifest["savings"]
+    assert {r["key"]: r["value"] for r in rows} == {
+        k: v for k, v in manifest["savings"].items() if k not in SAVINGS_RECORDS
+    }
     summary = _artifact("nightly-summary")
     assert summary.type == "markdown" and result["run_id"] in summary.data
     assert result["report"] and Path(result["report"]).exists()

@@ -214,7 +214,7 @@ def test_non_finite_outputs_are_error_rows_in_the_predictor(overflowing):
     uris = [*kit["images"][:2], str(Path(kit["root"]) / "missing.jpg")]
     batch = DecodeStage(image_size=32)(pa.table({"uri": uris, "size": [None] * 3, "etag": [None] * 3,
                                                  "mtime": [None] * 3}))  # fmt: skip
-    predictor = Predictor(model, run_id="r", tagged_at=datetime.now(UTC), device="cpu", calibrate=False)
+    predictor = Predictor(model, run_id="r", tagged_at=datetime.now(UTC), device="cpu")
     rows = predictor(batch).to_pylist()
     assert [r["status"] for r in rows] == ["error"] * 3
     assert [r["error"] for r in rows[:2]] == [NONFINITE_ERROR] * 2

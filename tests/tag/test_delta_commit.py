@@ -192,7 +192,7 @@ def test_repeated_rows_across_files_are_committed_once(tmp_path, kit):
     schema = delta.predictions_schema(load_tasks(kit["synth"].tasks_uri), 4)
     table = delta.ensure_table(delta.table_uri(out, "predictions"), schema, None, partition_by=["run_date"])
     part = writer.PartWriter(out, "r1", "2026-11-29", None, delta.file_schema(schema))
-    timing = {"accel_s": 1.0, "single_s": 2.0, "decode_s": 0.5}
+    timing = {"accel_s": 1.0, "decode_s": 0.5}
     files = [
         part.write(_rows(["a", "b", "c"], "r1", schema), timing),
         part.write(_rows(["c", "d"], "r1", schema), timing),

@@ -137,12 +137,22 @@ GOLDEN_MANIFEST_KEYS = {
         "listed", "to_tag", "unchanged", "rows", "ok", "error", "skipped_non_image", "duplicate_uris",
         "skipped_by_reason", "retried_duplicates_dropped", "resumed", "committed_meanwhile_dropped",
     },
-    "timings": {"wall_s", "list_s", "pipeline_s", "accel_s", "decode_cpu_s", "images_per_s"},
+    "timings": {
+        "wall_s", "list_s", "pipeline_s", "accel_s", "decode_cpu_s", "images_per_s", "ray_init_s", "calibration_s",
+        "first_batch_s",
+    },
     "resources": {"executor", "actors", "num_gpus", "threads", "write_nodes"},  # the local executor's plan
     "savings": {
-        "images", "tasks", "device", "multi_head_accel_s", "single_task_accel_s", "multi_head_accel_hours",
-        "single_task_accel_hours", "accel_hours_saved", "fraction_saved", "price_per_hour", "cost_saved",
-        "decode_cpu_s", "decode_cpu_s_saved", "method",
+        "images", "tasks", "device", "devices", "method", "factor", "factor_low", "factor_high",
+        "multi_head_accel_s", "single_task_accel_s", "single_task_accel_s_low", "single_task_accel_s_high",
+        "accel_hours_saved", "accel_hours_saved_low", "accel_hours_saved_high", "fraction_saved",
+        "fraction_saved_low", "fraction_saved_high", "allocated_accel_s", "single_task_allocated_s",
+        "single_task_allocated_s_low", "single_task_allocated_s_high", "allocated_hours_saved",
+        "allocated_hours_saved_low", "allocated_hours_saved_high", "allocated_fraction_saved",
+        "allocated_fraction_saved_low", "allocated_fraction_saved_high", "price_per_hour", "price_unit",
+        "cost_saved", "cost_saved_low", "cost_saved_high", "allocated_cost_saved", "allocated_cost_saved_low",
+        "allocated_cost_saved_high", "decode_cpu_s", "decode_cpu_s_saved", "decode_cost_saved", "calibration",
+        "notes",
     },
     "notes": None,
     "files": None,  # data files the commit added

@@ -24,7 +24,7 @@ import pytest
 from modelkit import committed_rows
 
 from catalog_tagger.errors import CommitLockTimeout
-from catalog_tagger.schema import ACCEL_COL, CALIB_COL, DECODE_COL
+from catalog_tagger.schema import ACCEL_COL, DECODE_COL
 from catalog_tagger.tag import commit as ledger
 from catalog_tagger.tag import delta, lock, ray_runtime, writer
 from catalog_tagger.tag import sink as sink_module
@@ -184,7 +184,7 @@ def test_missing_s3_output_bucket_is_refused_by_name_and_not_created(kit, s3_ser
 def _rows(n: int, start: int = 0) -> pa.Table:
     uris = [f"/img/{i}.jpg" for i in range(start, start + n)]
     zeros = pa.array([0.0] * n, pa.float64())
-    return pa.table({"uri": uris, "status": ["ok"] * n, ACCEL_COL: zeros, CALIB_COL: zeros, DECODE_COL: zeros})
+    return pa.table({"uri": uris, "status": ["ok"] * n, ACCEL_COL: zeros, DECODE_COL: zeros})
 
 
 def test_sink_stages_on_a_time_budget_as_well_as_a_row_budget(tmp_path, monkeypatch):

@@ -91,7 +91,7 @@ def test_full_load_and_tag_never_unpickles(model, images, monkeypatch):
     # The Ray path's stages, called in-process (Ray itself uses pickle for its own messages, never for artifacts).
     stage = DecodeStage(image_size=32)
     batch = stage(pa.table({"uri": images[:4], "size": [None] * 4, "etag": [None] * 4, "mtime": [None] * 4}))
-    predictor = Predictor(model, run_id="r", tagged_at=datetime.now(UTC), device="cpu", calibrate=False)
+    predictor = Predictor(model, run_id="r", tagged_at=datetime.now(UTC), device="cpu")
     table = predictor(batch)
     assert table.num_rows == 4 and table.column("status").to_pylist() == ["ok"] * 4
     from catalog_tagger.model.inference import predict_uris
