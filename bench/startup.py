@@ -95,8 +95,8 @@ def _install_probes(calls: list[dict[str, Any]]) -> None:
     probe_decode, probe_writer, probe_predictor = _probe_classes()
     real_decode, real_execute = executors.Stages.decode, executors.execute
 
-    def decode(self: Any) -> Any:
-        d = real_decode(self)
+    def decode(self: Any, plan: dict[str, Any]) -> Any:
+        d = real_decode(self, plan)
         return probe_decode(**{f.name: getattr(d, f.name) for f in dataclasses.fields(d)})
 
     def execute(*args: Any, **kwargs: Any) -> Any:

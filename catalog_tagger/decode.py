@@ -116,6 +116,52 @@ def _decode_errors() -> Iterator[None]:
         raise DecodeError(f"cannot decode image: {type(err).__name__}: {err}") from None
 
 
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header, read without decoding its pixels, after the checks every path makes first: not empty,
+    within the pixel budget, and (JPEG) enough bytes for the pixels the header declares. Call within
+    ``_decode_errors``."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    img: Image.Image = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image is {width}x{height} = {width * height:,} pixels, above the {max_pixels:,}-pixel limit "
+            "(a decompression bomb, or raise --max-image-pixels)"
+        )
+    if img.format == "JPEG":
+        _check_jpeg_payload(data, width, height)
+    return img
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the header of an image says, read without decoding it (the reader stage of the accelerator path)."""
+
+    format: str | None  # Pillow's format name ("JPEG", "PNG", ...)
+    mode: str  # Pillow's mode ("RGB", "L", "CMYK", ...)
+    width: int  # as displayed (EXIF orientation applied)
+    height: int
+    orientation: int  # EXIF orientation, 1-8
+
+    @property
+    def accelerator_jpeg(self) -> bool:
+        """A JPEG an accelerator's decoder takes (3-channel or grayscale, one frame); others go through Pillow."""
+        return self.format == "JPEG" and self.mode in ("RGB", "L", "YCbCr")
+
+
+def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
+    """The header of ``data`` with the same refusals as ``decode_image`` (empty, over the pixel budget, a
+    truncated JPEG, not an image), as a ``DecodeError`` with its reason, without decoding the pixels."""
+    with _decode_errors():
+        img = _open_checked(data, max_pixels)
+        orientation = _orientation(img)
+        width, height = img.size
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
+    return Probe(format=img.format, mode=img.mode, width=width, height=height, orientation=orientation)
+
+
 def load_rgb(data: bytes, at_least: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int, int]:
     """Decode ``data`` to an upright 8-bit RGB image, in bounded memory; (image, original width, height as
     displayed). The image keeps at least ``at_least`` px per side where the original has them: JPEGs decode at
@@ -125,18 +171,9 @@ def load_rgb(data: bytes, at_least: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
     Raises ``DecodeError`` with a reason for anything that cannot become an image, for an image over the
     ``max_pixels`` budget, and for a JPEG whose bytes are too few for the pixels its header declares.
     """
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
     with _decode_errors():
-        img: Image.Image = Image.open(io.BytesIO(data))
+        img = _open_checked(data, max_pixels)
         width, height = img.size
-        if width * height > max_pixels:
-            raise DecodeError(
-                f"image is {width}x{height} = {width * height:,} pixels, above the {max_pixels:,}-pixel limit "
-                "(a decompression bomb, or raise --max-image-pixels)"
-            )
-        if img.format == "JPEG":
-            _check_jpeg_payload(data, width, height)
         if getattr(img, "is_animated", False):
             img.seek(0)
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):

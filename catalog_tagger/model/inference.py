@@ -73,7 +73,8 @@ def run_batch(model: MultiHeadModel, images: np.ndarray | torch.Tensor) -> Timed
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if device.type == "cuda":
-        images = images.pin_memory()
+        if images.device.type == "cpu":  # pinned: the copy to the GPU is asynchronous (decoded on the GPU: none)
+            images = images.pin_memory()
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     with torch.inference_mode(), autocast(device):

@@ -38,6 +38,10 @@ class TagJobConfig(BaseModel):
     baseline: list[str] = Field(default_factory=list)  # the user's own single-task artifacts to compare against
     storage_options: dict[str, Any] | None = Field(default=None, repr=False)  # fsspec options (never logged)
     decode_cpus: float | None = Field(default=None, gt=0)  # CPUs per decode task (default: machine-sized)
+    # where JPEGs are decoded: "accelerator" = in the Predictor on its device (nvJPEG on a GPU; torchvision's
+    # libjpeg-turbo on CPU), the read stage only reading bytes; "cpu" = Pillow in the read stage (every other format
+    # always is, and so is every JPEG the accelerator's decoder refuses); "auto" = accelerator on a GPU, else cpu
+    decode_on: Literal["auto", "cpu", "accelerator"] = "auto"
     allowed_root: str | None = None  # if set, every image uri must resolve inside it, else the run is refused
     max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1)  # a larger image is an error row (streamed)
     read_timeout_s: float = Field(default=DEFAULT_READ_TIMEOUT_S, gt=0)  # HTTP(S) connect, and silence mid-body

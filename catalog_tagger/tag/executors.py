@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 import warnings
 from collections import deque
@@ -22,19 +21,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from catalog_tagger.errors import UserError
 from catalog_tagger.fetch import ReadLimits
 from catalog_tagger.storage import filesystem, is_local, strip
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.diff import Work
 from catalog_tagger.tag.predictor import FaultInjection, Predictor
-from catalog_tagger.tag.ray_runtime import init_ray, ray_address, shutdown_ray
+from catalog_tagger.tag.ray_runtime import init_ray, shutdown_ray
 from catalog_tagger.tag.reader import DecodeStage
+from catalog_tagger.tag.resources import LOCAL_DECODE_THREADS, choose_executor, local_resources, plan_resources
 from catalog_tagger.tag.sink import Sink, Totals
 from catalog_tagger.tag.writer import PartWriter
 
@@ -52,7 +51,6 @@ ACTOR_MAX_RESTARTS = -1  # restart a dead Predictor without limit (preemptions o
 ACTOR_MAX_TASK_RETRIES = 3  # ...but retry one batch at most 3 times after its actor died
 DECODE_MAX_RETRIES = 3  # decode tasks whose worker process died
 
-LOCAL_DECODE_THREADS = 1  # local executor: decode the next slice while the model runs on this one
 LOCAL_PREFETCH = 2  # slices decoded ahead of the model
 PROGRESS_LOG_S = 10.0  # how often the driver logs its rate
 MIN_FILES = 8  # a Ray run writes at least this many data files (when it has the rows)
@@ -75,7 +73,8 @@ class Stages:
     image_size: int  # the model's input size: the decode stage resizes to it
     credentials: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # sources.Listing's
 
-    def decode(self) -> DecodeStage:
+    def decode(self, plan: dict[str, Any]) -> DecodeStage:
+        """The read + decode stage for the executor's ``plan`` (its ``decode_on``: where JPEGs are decoded)."""
         cfg = self.cfg
         return DecodeStage(
             image_size=self.image_size,
@@ -86,6 +85,7 @@ class Stages:
                 max_bytes=cfg.max_image_bytes, timeout_s=cfg.read_timeout_s, deadline_s=cfg.read_deadline_s
             ),
             max_pixels=cfg.max_image_pixels,
+            accelerator_jpeg=plan.get("decode_on") == "accelerator",
         )
 
     def predictor_kwargs(self, *, device: str, threads: int | None, faults: FaultInjection | None) -> dict[str, Any]:
@@ -190,38 +190,7 @@ def work_batches(work: Work, storage_options: dict[str, Any] | None, rows: int) 
                 yield pa.Table.from_batches([batch])
 
 
-# --------------------------------------------------------------------------------------------- the choice
-def _cuda_visible() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def choose_executor(cfg: TagJobConfig, work_rows: int) -> Literal["ray", "local"]:
-    """``auto``: in-process for small runs on the embedded default, Ray Data for clusters, GPUs and big runs."""
-    if cfg.executor != "auto":
-        return cfg.executor
-    if ray_address(cfg.ray_address) != "local" or work_rows > cfg.local_max_images or cfg.device == "cuda":
-        return "ray"
-    if cfg.device != "cpu" and _cuda_visible():
-        return "ray"
-    return "local"
-
-
 # --------------------------------------------------------------------------------------------- local executor
-def local_resources(cfg: TagJobConfig) -> dict[str, Any]:
-    """One predictor in this process; the model gets the cores the decode thread leaves.
-
-    On a small box, torch's OpenMP threads sharing a core with the decode thread (or a neighbour) run several
-    times slower than one thread per free core.
-    """
-    from catalog_tagger.model.inference import select_device
-
-    cuda = select_device(cfg.device).type == "cuda"
-    threads = max(1, (os.cpu_count() or 1) - LOCAL_DECODE_THREADS)
-    return {"executor": "local", "actors": 1, "num_gpus": 1 if cuda else 0, "threads": threads}
-
-
 def local_batches(stages: Stages, work: Work, *, threads: int) -> Iterator[pa.Table]:
     """The Ray pipeline's stages in this process: decode slices on a thread, ahead of one Predictor."""
     import torch
@@ -235,7 +204,7 @@ def local_batches(stages: Stages, work: Work, *, threads: int) -> Iterator[pa.Ta
         kwargs = stages.predictor_kwargs(device=cfg.device, threads=threads, faults=faults)
         predictor = Predictor(cfg.model, **kwargs)
         slices = work_batches(work, cfg.storage_options, cfg.batch_size)
-        yield from _prefetched(stages.decode(), slices, predictor)
+        yield from _prefetched(stages.decode(local_resources(cfg)), slices, predictor)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -264,45 +233,6 @@ def _prefetched(decode: DecodeStage, slices: Iterator[pa.Table], predictor: Pred
 
 
 # --------------------------------------------------------------------------------------------- Ray executor
-def plan_resources(cfg: TagJobConfig) -> dict[str, Any]:
-    """Actors, GPUs and CPUs per stage for the cluster Ray is connected to (recorded in the manifest)."""
-    import ray
-
-    res = ray.cluster_resources()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
-    gpus = int(res.get("GPU", 0)) if cfg.device != "cpu" else 0
-    cpus = max(1.0, float(res.get("CPU", 1)))
-    if cfg.device == "cuda" and gpus == 0:
-        raise UserError("--device cuda was requested but the Ray cluster has no GPUs")
-    if gpus:
-        actors = cfg.actors or gpus
-        return {
-            "executor": "ray",
-            "actors": actors,
-            # Without --actors the pool starts once one GPU is free and grows to every GPU the cluster has
-            # (Ray autoscales an actor pool between its min and max size).
-            "min_actors": actors if cfg.actors else 1,
-            "num_gpus": 1,
-            "num_cpus": 1,
-            "threads": None,
-            "decode_cpus": cfg.decode_cpus or 1,
-        }
-    actors = cfg.actors or 1
-    # On CPU the actors' torch threads and the decode tasks share the cores. Keep CPU resources for decode
-    # (else the pool takes every CPU and decode tasks never schedule); on tiny machines let torch use all
-    # cores anyway, since decode is light next to the model.
-    reserve = 1 if cpus < 8 else max(1, int(cpus // 4))
-    per_actor = max(1, int((cpus - reserve) // actors))
-    return {
-        "executor": "ray",
-        "actors": actors,
-        "min_actors": actors,
-        "num_gpus": 0,
-        "num_cpus": per_actor if cpus - reserve >= actors else max(0.25, (cpus - reserve) / actors),
-        "threads": int(cpus) if cpus <= 2 else per_actor,
-        "decode_cpus": cfg.decode_cpus or (0.5 if cpus <= 2 else 1),
-    }
-
-
 def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Dataset, dict[str, Any]]:
     """The Ray Data pipeline: work files -> decode tasks -> an actor pool of Predictors -> write tasks; and its plan.
 
@@ -324,7 +254,7 @@ def build_dataset(stages: Stages, work: Work, writer: PartWriter) -> tuple[Datas
         # Ray 2.60 flags every extra remote arg (max_restarts...) as deprecated, with no named replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(
-            stages.decode(),
+            stages.decode(plan),
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             num_cpus=plan["decode_cpus"],

@@ -24,8 +24,9 @@ from catalog_tagger.tag.checks import validate
 from catalog_tagger.tag.commit import Layout
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.dedup import Dropped, drop_duplicates
-from catalog_tagger.tag.executors import ProgressFn, Stages, execute, local_resources
+from catalog_tagger.tag.executors import ProgressFn, Stages, execute
 from catalog_tagger.tag.plan import RunPlan, plan_run
+from catalog_tagger.tag.resources import local_resources
 from catalog_tagger.tag.sink import Totals
 from catalog_tagger.tag.writer import PartWriter, StagedFile
 

@@ -15,8 +15,11 @@ import pyarrow as pa
 
 from catalog_tagger.kinds import kind_of
 from catalog_tagger.schema import ACCEL_COL, DECODE_COL, STATUS_ERROR, STATUS_OK, output_schema
+from catalog_tagger.tag.device_images import device_images, has_jpeg_bytes
 
 if TYPE_CHECKING:
+    import torch
+
     from catalog_tagger.model.multihead import ModelOutput
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,12 @@ class Predictor:
         ok = np.flatnonzero(status == STATUS_OK)
         accel_s = 0.0
         cols: dict[str, Any] = {}
-        if len(ok):
+        images: np.ndarray | torch.Tensor
+        if len(ok) and has_jpeg_bytes(batch):  # the accelerator path: decode the JPEGs on the model's device
+            images, batch, ok = device_images(batch, ok, size=self.card.image_size, device=self.device)
+        elif len(ok):
             images = np.ascontiguousarray(batch["image"][ok])
+        if len(ok):
             timed = run_batch(self.model, images)
             accel_s = timed.seconds
             cols = output_columns(self.card, timed.output)

@@ -1,4 +1,9 @@
-"""The read + decode stage (CPU): uri rows -> bytes -> fixed-size uint8 arrays, failures as error rows."""
+"""The read + decode stage (CPU): uri rows -> bytes -> fixed-size uint8 arrays, failures as error rows.
+
+On the accelerator path (``accelerator_jpeg``) this stage only reads: JPEGs an accelerator decodes pass on as
+bytes, their header checked (pixel budget, truncation) and their EXIF orientation read, for the Predictor to decode
+on its device (``accel_decode.py``); every other image is decoded here as before.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from catalog_tagger.decode import DEFAULT_MAX_PIXELS, content_hash, decode_image
+from catalog_tagger.decode import DEFAULT_MAX_PIXELS, content_hash, decode_image, probe
 from catalog_tagger.errors import DecodeError, ReadRefused
 from catalog_tagger.fetch import ReadLimits, read_bounded
 from catalog_tagger.schema import DECODE_COL, STATUS_ERROR, STATUS_OK, STATUS_UNCHANGED
@@ -30,8 +35,11 @@ def read_with_retries(
 class _Decoded:
     """The stage's output columns for one batch of ``n`` images, filled row by row."""
 
-    def __init__(self, n: int, image_size: int) -> None:
+    def __init__(self, n: int, image_size: int, *, jpeg: bool = False) -> None:
         self.images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+        # the accelerator path: JPEG bytes left for the Predictor to decode (None: decoded here, or an error)
+        self.jpeg = np.full(n, None, dtype=object) if jpeg else None
+        self.orientation = np.ones(n, dtype=np.int8)
         self.status = np.empty(n, dtype=object)
         self.error = np.empty(n, dtype=object)
         self.hashes = np.empty(n, dtype=object)
@@ -53,6 +61,8 @@ class _Decoded:
             image=self.images,
         )
         out[DECODE_COL] = self.decode_s
+        if self.jpeg is not None:
+            out.update(jpeg=self.jpeg, orientation=self.orientation)
         return out
 
 
@@ -70,12 +80,13 @@ class DecodeStage:
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
     limits: ReadLimits = field(default_factory=ReadLimits)  # size cap, timeouts and deadline of each image's read
     max_pixels: int = DEFAULT_MAX_PIXELS  # per-image pixel budget: a larger image is an error row, never decoded
+    accelerator_jpeg: bool = False  # pass JPEGs on as bytes for the Predictor's device to decode
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         n = batch.num_rows
         uris = batch.column("uri").to_pylist()
         prev = batch.column("prev_hash").to_pylist() if "prev_hash" in batch.column_names else [None] * n
-        out = _Decoded(n, self.image_size)
+        out = _Decoded(n, self.image_size, jpeg=self.accelerator_jpeg)
         for i, uri in enumerate(uris):
             t0 = time.process_time()
             timed = self._one(out, i, uri, prev[i])
@@ -101,6 +112,8 @@ class DecodeStage:
             out.status[i] = STATUS_UNCHANGED
             return False
         try:
+            if out.jpeg is not None and self._pass_on(out, i, data):
+                return True
             dec = decode_image(data, self.image_size, max_pixels=self.max_pixels)
         except DecodeError as err:
             out.fail(i, f"decode: {err}")
@@ -108,4 +121,16 @@ class DecodeStage:
             out.images[i] = dec.array
             out.width[i], out.height[i] = dec.width, dec.height
             out.status[i] = STATUS_OK
+        return True
+
+    def _pass_on(self, out: _Decoded, i: int, data: bytes) -> bool:
+        """The accelerator path: a JPEG its decoder takes is checked by its header and left as bytes (True);
+        anything else is for Pillow, here (False). A header that fails the checks raises ``DecodeError``."""
+        head = probe(data, max_pixels=self.max_pixels)
+        if not head.accelerator_jpeg:
+            return False
+        assert out.jpeg is not None
+        out.jpeg[i], out.orientation[i] = data, head.orientation
+        out.width[i], out.height[i] = head.width, head.height
+        out.status[i] = STATUS_OK
         return True

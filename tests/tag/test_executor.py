@@ -10,8 +10,8 @@ import pytest
 from modelkit import committed_rows
 
 from catalog_tagger.synthetic.catalog import write_bad_images
-from catalog_tagger.tag.executors import choose_executor
 from catalog_tagger.tag.job import TagJobConfig, run
+from catalog_tagger.tag.resources import choose_executor
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

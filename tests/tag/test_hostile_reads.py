@@ -184,7 +184,7 @@ def test_read_limits_reach_the_decode_stage_from_the_job_config():
 
     cfg = TagJobConfig(model="m", source="s", output="o", max_image_bytes=MiB, read_timeout_s=2, read_deadline_s=9,
                        max_image_pixels=1000)  # fmt: skip
-    stage = Stages(cfg, run_id="r", tagged_at=datetime.now(UTC), image_size=32).decode()
+    stage = Stages(cfg, run_id="r", tagged_at=datetime.now(UTC), image_size=32).decode({"decode_on": "cpu"})
     assert stage.limits == ReadLimits(max_bytes=MiB, timeout_s=2, deadline_s=9) and stage.max_pixels == 1000
     default = TagJobConfig(model="m", source="s", output="o")
     assert (default.max_image_bytes, default.read_timeout_s) == (64 * MiB, 30)
