@@ -163,6 +163,12 @@ def tag(
         float | None,
         typer.Option("--price-per-cpu-hour", help="USD per CPU core-hour: prices CPU runs (default: not priced)."),
     ] = None,
+    decode_on: Annotated[
+        str,
+        typer.Option(
+            "--decode-on", help="Where JPEGs are decoded: auto (the GPU when there is one) | cpu | accelerator."
+        ),
+    ] = "auto",
     recalibrate: Annotated[
         bool, typer.Option("--recalibrate", help="Measure the single-task calibration again, even if one is stored.")
     ] = False,
@@ -220,7 +226,7 @@ def tag(
         max_image_bytes=max_image_bytes, read_timeout_s=read_timeout_s, read_deadline_s=read_deadline_s,
         max_image_pixels=max_image_pixels, allow_task_change=allow_task_change or None, write_tasks=write_tasks,
         baseline=list(baseline) if baseline else None, price_per_cpu_hour=price_per_cpu_hour,
-        recalibrate=recalibrate or None,
+        recalibrate=recalibrate or None, decode_on=decode_on,
     )  # fmt: skip
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume

@@ -115,6 +115,7 @@ def nightly_tagging(
     executor: str = "auto",
     price_per_cpu_hour: float | None = None,
     recalibrate: bool = False,
+    decode_on: str = "auto",
 ) -> dict[str, Any]:
     """Tag the new and changed images of a catalog, commit Parquet, and publish the savings report.
 
@@ -135,6 +136,7 @@ def backfill(
     executor: str = "auto",
     price_per_cpu_hour: float | None = None,
     recalibrate: bool = False,
+    decode_on: str = "auto",
 ) -> dict[str, Any]:
     """Re-tag every image with ``model`` (e.g. a new model version), whatever earlier runs committed."""
     return _tag_and_report("backfill", NightlyParams.parse("backfill", **locals(), full=True))

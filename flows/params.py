@@ -59,6 +59,7 @@ class NightlyParams(_Params):
     executor: Literal["auto", "ray", "local"] = "auto"  # auto: in-process for small local CPU runs, else Ray Data
     price_per_cpu_hour: float | None = Field(default=None, ge=0)  # USD per CPU core-hour; None: CPU runs not priced
     recalibrate: bool = False  # measure the single-task calibration again (it is stored and reused otherwise)
+    decode_on: Literal["auto", "cpu", "accelerator"] = "auto"  # where JPEGs are decoded (auto: the GPU if any)
 
     @field_validator("source", "output", "model")
     @classmethod

@@ -49,8 +49,12 @@ _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|S
 _GCS_ADDRESS = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}")
 # TagJobConfig fields the ``tag`` command cannot express yet; a non-default value is refused, never dropped.
 _NOT_ON_CLI = ("calibrate", "storage_options", "decode_cpus")
-# Per-image read and decode bounds: passed on as ``--max-image-bytes`` etc. when not at their defaults.
-_READ_BOUNDS = ("max_image_bytes", "read_timeout_s", "read_deadline_s", "max_image_pixels")
+# TagJobConfig fields passed on as ``--flag value`` when set and off their defaults, and boolean ``--flag``s.
+_VALUED = (
+    "price_per_cpu_hour", "actors", "limit", "write_tasks", "allowed_root", "executor", "rows_per_shard",
+    "shard_seconds", "decode_on", "max_image_bytes", "read_timeout_s", "read_deadline_s", "max_image_pixels",
+)  # fmt: skip
+_SWITCHES = ("full", "allow_task_change", "recalibrate")
 
 
 def ray_path(address: str | None) -> RayPath:
@@ -118,34 +122,17 @@ def tag_entrypoint(cfg: TagJobConfig, *, python: str = "python") -> str:
 def _optional_args(cfg: TagJobConfig) -> list[str]:
     """The ``tag`` flags of the options that are set (or off their defaults)."""
     args: list[str] = []
-    if cfg.price_per_cpu_hour is not None:
-        args += ["--price-per-cpu-hour", repr(float(cfg.price_per_cpu_hour))]
-    if cfg.recalibrate:
-        args.append("--recalibrate")
-    if cfg.actors is not None:
-        args += ["--actors", str(cfg.actors)]
-    if cfg.limit is not None:
-        args += ["--limit", str(cfg.limit)]
-    if cfg.full:
-        args.append("--full")
-    if cfg.allow_task_change:
-        args.append("--allow-task-change")
-    if cfg.write_tasks is not None:
-        args += ["--write-tasks", str(cfg.write_tasks)]
-    if cfg.allowed_root:
-        args += ["--allowed-root", cfg.allowed_root]
+    for name in _VALUED:
+        value = getattr(cfg, name)
+        if value is not None and value != TagJobConfig.model_fields[name].get_default():
+            args += [_flag(name), repr(value) if isinstance(value, float) else str(value)]
     for uri in cfg.baseline:
         args += ["--baseline", uri]
-    if cfg.executor != "auto":
-        args += ["--executor", cfg.executor]
-    if cfg.rows_per_shard != TagJobConfig.model_fields["rows_per_shard"].get_default():
-        args += ["--rows-per-shard", str(cfg.rows_per_shard)]
-    if cfg.shard_seconds != TagJobConfig.model_fields["shard_seconds"].get_default():
-        args += ["--shard-seconds", repr(float(cfg.shard_seconds))]
-    for name in _READ_BOUNDS:
-        if getattr(cfg, name) != TagJobConfig.model_fields[name].get_default():
-            args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
-    return args
+    return args + [_flag(name) for name in _SWITCHES if getattr(cfg, name)]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def job_runtime_env(options: JobsOptions) -> dict[str, Any]:
