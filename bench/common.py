@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 log = logging.getLogger("bench")
 
 BENCH_DIR = Path(__file__).resolve().parent
-CACHE = BENCH_DIR / ".cache"
+CACHE = Path(os.environ.get("CATALOG_TAGGER_BENCH_CACHE") or BENCH_DIR / ".cache")  # tests point it at tmp_path
 RESULTS = BENCH_DIR / "results"
 MODEL_ENV = "CATALOG_TAGGER_BENCH_MODEL"  # a trained artifact for the decode label check
 BACKBONE = "mobilenet_v3_small"
@@ -48,6 +48,7 @@ class CatalogSpec:
 MAIN = CatalogSpec(seed=0, min_size=300, max_size=800)  # product photos of web size
 SMALL = CatalogSpec(seed=2, min_size=128, max_size=256)  # the memory benchmark: many cheap images
 LARGE = CatalogSpec(seed=1, min_size=1000, max_size=1600)  # the decode benchmark: >= 1000 px
+GPU_CATALOG = CatalogSpec(seed=3, min_size=800, max_size=1600)  # the accelerator section: catalog-like photos
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Sizes:
     memory_factor: int = 10
     incremental_images: int = 1000
     incremental_new_fraction: float = 0.01
+    gpu_images: int = 2000  # per model, the accelerator section (skipped without CUDA)
 
     def with_images(self, n: int) -> Sizes:
         return replace(
@@ -73,6 +75,7 @@ class Sizes:
             decode_images=n,
             memory_images=n,
             incremental_images=n,
+            gpu_images=n,
             startup_images=min(self.startup_images, n),
         )
 
@@ -85,6 +88,7 @@ QUICK = Sizes(
     decode_images=12,
     memory_images=32,
     incremental_images=100,
+    gpu_images=256,
 )
 
 
@@ -190,8 +194,11 @@ class CatalogImage:
     format: str
 
 
-def ensure_catalog(spec: CatalogSpec, images: int) -> list[CatalogImage]:
-    """The first ``images`` images of a cached catalog, generating only what the cache lacks."""
+def ensure_catalog(spec: CatalogSpec, images: int, *, jobs: int = 1) -> list[CatalogImage]:
+    """The first ``images`` images of a cached catalog, generating only what the cache lacks (in ``jobs``
+    processes, each writing its own ``truth_<start>.parquet``: a 16-core GPU machine renders 8x faster)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from catalog_tagger.synthetic.catalog import SynthConfig, generate
 
     root = CACHE / "catalogs" / spec.key
@@ -199,16 +206,23 @@ def ensure_catalog(spec: CatalogSpec, images: int) -> list[CatalogImage]:
     have = json.loads(meta_path.read_text())["images"] if meta_path.exists() else 0
     if have < images:
         t0 = time.perf_counter()
-        generate(
+        step = math.ceil((images - have) / max(1, jobs))
+        configs = [
             SynthConfig(
                 out=str(root),
-                images=images - have,
-                start=have,
+                images=min(step, images - start),
+                start=start,
                 seed=spec.seed,
                 min_size=spec.min_size,
                 max_size=spec.max_size,
             )
-        )
+            for start in range(have, images, step)
+        ]
+        if len(configs) == 1:
+            generate(configs[0])
+        else:
+            with ProcessPoolExecutor(max_workers=len(configs)) as pool:
+                list(pool.map(generate, configs))
         meta_path.write_text(json.dumps({"images": images, **asdict(spec)}))
         log.info("catalog %s: generated images %d..%d in %.1fs", spec.key, have, images - 1, time.perf_counter() - t0)
     tables = [
@@ -244,8 +258,8 @@ def write_manifest(path: Path, images: list[CatalogImage]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
-def ensure_artifact(name: str, task_names: list[str] | None = None) -> str:
-    """A random-init mobilenet_v3_small artifact over some of the synthetic tasks (cached, seeded)."""
+def ensure_artifact(name: str, task_names: list[str] | None = None, *, backbone: str = BACKBONE) -> str:
+    """A random-init artifact (mobilenet_v3_small by default) over some of the synthetic tasks (cached, seeded)."""
     import torch
 
     from catalog_tagger.config import TaskConfig
@@ -254,12 +268,12 @@ def ensure_artifact(name: str, task_names: list[str] | None = None) -> str:
     from catalog_tagger.synthetic.plan import SYNTH_TASKS
 
     tasks = SYNTH_TASKS.tasks if task_names is None else tuple(SYNTH_TASKS.task(t) for t in task_names)
-    path = CACHE / "models" / f"{name}_{BACKBONE}_{IMAGE_SIZE}"
+    path = CACHE / "models" / f"{name}_{backbone}_{IMAGE_SIZE}"
     if (path / "model.json").exists():
         return str(path)
     torch.manual_seed(0)
     # MultiHeadModel directly (not build_model): random init on purpose, whatever sits in the hub cache.
-    model = MultiHeadModel(backbone=BACKBONE, tasks=TaskConfig(tasks=tasks)).eval()
+    model = MultiHeadModel(backbone=backbone, tasks=TaskConfig(tasks=tasks)).eval()
     tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:6]}")
     save_artifact(model, card_for(model, image_size=IMAGE_SIZE), tmp)
     tmp.rename(path)  # complete artifacts only: a crash mid-save leaves a .tmp folder, never a half model

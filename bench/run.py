@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import decode, incremental, memory, multihead_vs_single, startup, throughput
+from bench import decode, gpu, incremental, memory, multihead_vs_single, startup, throughput
 from bench.common import (
     MAIN,
     QUICK,
@@ -43,6 +43,7 @@ BENCHMARKS = {
     "multihead_vs_single": multihead_vs_single.run,
     "incremental": incremental.run,
     "memory": memory.run,
+    "gpu": gpu.run,  # the accelerator section: skipped with its reason without CUDA (starts Ray itself otherwise)
 }
 NEEDS_RAY = {"throughput", "multihead_vs_single", "incremental"}
 # Share of the time budget each benchmark may use before it stops adding rounds (round 1 always runs).
@@ -53,6 +54,7 @@ BUDGET_SHARE = {
     "multihead_vs_single": 0.25,
     "incremental": 0.15,
     "memory": 0.15,
+    "gpu": 0.45,  # on a GPU machine only: its torch.compile comparison starts only within this share
 }
 DEFAULT_BUDGET_S = 780  # `make bench` must end within 15 minutes, start-up and catalog generation included
 WARMUP_IMAGES = 16
