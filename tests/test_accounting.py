@@ -8,14 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from savingskit import KEY, calibration, usage
 
-from catalog_tagger.accounting import Pricing, Usage, compute_savings
+from catalog_tagger.accounting import Pricing, compute_savings
 from catalog_tagger.calibration import (
     METHOD_BASELINE,
     METHOD_CALIBRATED,
     Budget,
-    Calibration,
-    CalibrationKey,
     Interval,
     factor_of,
     measure,
@@ -34,7 +33,6 @@ MANY = parse_tasks(
 HEAVY = parse_tasks(
     {"tasks": [{"name": f"t{i}", "kind": "multiclass", "labels": [f"l{j}" for j in range(2000)]} for i in range(4)]}
 )
-KEY = CalibrationKey(model_version="v", device="cpu", batch=16, precision="fp32")
 
 
 @pytest.fixture(autouse=True)
@@ -55,25 +53,13 @@ def _model(backbone: str, tasks):
     return prepare_for_inference(build_model(backbone=backbone, tasks=tasks), torch.device("cpu"))
 
 
-def _usage(**kw) -> Usage:
-    base = dict(images=1000, tasks=3, device="cpu", devices=1, cores_per_device=2, busy_s=360.0, allocated_s=500.0,
-                decode_cpu_s=36.0)  # fmt: skip
-    return Usage(**{**base, **kw})
-
-
-def _calibration(value: float, low: float, high: float, tasks: int = 3) -> Calibration:
-    return Calibration(key=KEY, method=METHOD_CALIBRATED, tasks=tasks, factor=Interval(value, low, high),
-                       ratio=Interval(1, 1, 1), multi_s=0.1, rounds=9, converged=True, seconds=1.0, threads=1,
-                       measured_at="2026-11-29T00:00:00+00:00")  # fmt: skip
-
-
 def test_twenty_calibrations_stay_in_bound_and_their_intervals_cover_the_spread():
     model = _model("tiny_cnn", HEAVY)
     n = len(HEAVY.tasks)
     cals = [measure(model, _images(size=32), KEY, budget=Budget(budget_s=3.0)) for _ in range(20)]
     values = np.array([c.factor.value for c in cals])
     for c in cals:
-        s = compute_savings(_usage(tasks=n), c, Pricing())
+        s = compute_savings(usage(tasks=n), c, Pricing())
         assert s["fraction_saved_high"] <= 1 - 1 / n + 1e-12 and s["fraction_saved"] <= 1 - 1 / n + 1e-12
         assert s["fraction_saved_low"] <= s["fraction_saved"] <= s["fraction_saved_high"]
         assert 1.0 <= c.factor.low <= c.factor.value <= c.factor.high <= n
@@ -109,7 +95,7 @@ def test_single_task_model_saves_nothing():
     cal = measure(_model("mobilenet_v3_small", ONE), _images(), KEY)
     # backbone + its only head IS the single-task model: the factor is exactly 1
     assert cal.factor.value == cal.factor.low == cal.factor.high == 1.0
-    s = compute_savings(_usage(tasks=1), cal, Pricing())
+    s = compute_savings(usage(tasks=1), cal, Pricing())
     assert s["fraction_saved"] == 0.0 and s["decode_cpu_s_saved"] == 0.0
 
 
@@ -126,7 +112,7 @@ def test_calibrated_factor_matches_an_independent_timing():
 
 
 def test_compute_savings_both_views_and_prices():
-    s = compute_savings(_usage(), _calibration(3.0, 2.5, 3.5), Pricing(cpu_core_per_hour=0.05))
+    s = compute_savings(usage(), calibration(3.0, 2.5, 3.5), Pricing(cpu_core_per_hour=0.05))
     # busy: 360 s x 3 = 1080 s for three single-task models
     assert s["single_task_accel_s"] == pytest.approx(1080.0)
     assert (s["single_task_accel_s_low"], s["single_task_accel_s_high"]) == pytest.approx((900.0, 1260.0))
@@ -139,11 +125,11 @@ def test_compute_savings_both_views_and_prices():
     assert s["price_per_hour"] == pytest.approx(0.10) and "CPU core-hour" in s["price_unit"]
     assert s["cost_saved"] == pytest.approx(0.02) and s["cost_saved_low"] < s["cost_saved"] < s["cost_saved_high"]
     assert s["decode_cpu_s_saved"] == pytest.approx(72.0) and s["decode_cost_saved"] == pytest.approx(0.001)
-    unpriced = compute_savings(_usage(), _calibration(3.0, 2.5, 3.5), Pricing())
+    unpriced = compute_savings(usage(), calibration(3.0, 2.5, 3.5), Pricing())
     assert unpriced["price_per_hour"] is None and unpriced["cost_saved"] is None
-    gpu = compute_savings(_usage(device="cuda"), _calibration(3.0, 2.5, 3.5), Pricing(gpu_per_hour=2.0))
+    gpu = compute_savings(usage(device="cuda"), calibration(3.0, 2.5, 3.5), Pricing(gpu_per_hour=2.0))
     assert gpu["price_unit"] == "GPU-hour" and gpu["cost_saved"] == pytest.approx(0.4)
-    none = compute_savings(_usage(), None, Pricing())
+    none = compute_savings(usage(), None, Pricing())
     assert none["method"] == "none" and none["fraction_saved"] is None and none["multi_head_accel_s"] == 360.0
 
 
@@ -154,7 +140,7 @@ def _tag(model_dir, source, out, **kw):
     return run(TagJobConfig(**{**cfg, **kw}))
 
 
-def test_a_second_run_reuses_the_stored_calibration(tmp_path, catalog_kit):
+def test_a_second_run_reuses_the_storedcalibration(tmp_path, catalog_kit):
     kit = catalog_kit(images=30, min_size=64, max_size=96)
     out = tmp_path / "out"
     first = _tag(kit["model"], kit["source"], out, limit=10)
@@ -206,7 +192,7 @@ def test_run_manifest_savings_are_measured(tmp_path):
     assert sav["decode_cpu_s"] > 0 and sav["decode_cpu_s_saved"] == pytest.approx(5 * sav["decode_cpu_s"])
 
 
-def test_user_baseline_artifacts_are_timed_instead_of_the_calibration(tmp_path):
+def test_user_baseline_artifacts_are_timed_instead_of_thecalibration(tmp_path):
     """``--baseline``: n real single-task artifacts; their measured cost replaces the backbone share."""
     from catalog_tagger.errors import UserError
     from catalog_tagger.model.artifact import card_for, save_artifact

@@ -10,7 +10,9 @@ from typing import Any
 
 import pyarrow.dataset as pads
 import pytest
+import savingskit
 
+from catalog_tagger.accounting import Pricing
 from catalog_tagger.errors import ConfigError, RayJobFailed, UserError
 from catalog_tagger.figures import SAVINGS_RECORDS
 from catalog_tagger.storage import is_transient
@@ -89,20 +91,8 @@ def test_user_error_wins_over_a_transient_cause() -> None:
         assert not is_transient(exc)
 
 
-def _savings() -> dict:
-    from catalog_tagger.accounting import Pricing, Usage, compute_savings
-    from catalog_tagger.calibration import Calibration, CalibrationKey, Interval
-
-    cal = Calibration(key=CalibrationKey("v", "cpu", 8, "fp32"), method="calibrated", tasks=4,
-                      factor=Interval(3.0, 2.8, 3.2), ratio=Interval(0.67, 0.6, 0.73), multi_s=0.1, rounds=9,
-                      converged=True, seconds=1.0, threads=1, measured_at="t")  # fmt: skip
-    usage = Usage(images=20, tasks=4, device="cpu", devices=1, cores_per_device=2, busy_s=1.0, allocated_s=2.0,
-                  decode_cpu_s=0.5)  # fmt: skip
-    return compute_savings(usage, cal, Pricing(cpu_core_per_hour=0.04))
-
-
 def test_savings_table_carries_every_number_raw() -> None:
-    savings = _savings()
+    savings = savingskit.savings(pricing=Pricing(cpu_core_per_hour=0.04))
     rows = savings_table(savings)
     assert {r["key"]: r["value"] for r in rows} == {k: v for k, v in savings.items() if k not in SAVINGS_RECORDS}
     assert all(r["metric"] for r in rows) and len({r["metric"] for r in rows}) == len(rows)
