@@ -19,6 +19,7 @@ from catalog_tagger.errors import UserError
 from catalog_tagger.fetch import read_bounded
 from catalog_tagger.kinds import KINDS
 from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
+from catalog_tagger.report_history import DEFAULT_HISTORY_RUNS, gather_history
 from catalog_tagger.report_html import Card, ReportData, TaskInfo, render_html
 from catalog_tagger.schema import STATUS_ERROR, STATUS_OK
 from catalog_tagger.storage import join, protocol_of, write_bytes_atomic
@@ -162,8 +163,10 @@ def gather(
     *,
     storage_options: dict[str, Any] | None = None,
     sample: int = DEFAULT_SAMPLE,
+    history_runs: int = DEFAULT_HISTORY_RUNS,
 ) -> ReportData:
-    """Read one committed run (the latest when ``run_id`` is None) into what the page shows."""
+    """Read one committed run (the latest when ``run_id`` is None) into what the page shows, with the history of
+    the committed runs up to it (the last ``history_runs``; 0: no history section)."""
     cat = open_catalog(output, storage_options)
     try:
         manifest = cat.manifest(run_id)
@@ -193,6 +196,7 @@ def gather(
             error_total=int(counts["err"]),
             error_kinds=[(r["kind"], int(r["n"])) for r in kinds],
             cards=_cards(cat, tasks, sample, storage_options),
+            history=gather_history(cat, manifest["run_id"], tasks, limit=history_runs) if history_runs else None,
         )
     finally:
         cat.con.close()
@@ -204,9 +208,12 @@ def render_report(
     *,
     storage_options: dict[str, Any] | None = None,
     sample: int = DEFAULT_SAMPLE,
+    history_runs: int = DEFAULT_HISTORY_RUNS,
 ) -> str:
     """The HTML page of one committed run (the latest when ``run_id`` is None): one file, no network needed."""
-    return render_html(gather(output, run_id, storage_options=storage_options, sample=sample))
+    return render_html(
+        gather(output, run_id, storage_options=storage_options, sample=sample, history_runs=history_runs)
+    )
 
 
 def write_report(
@@ -216,9 +223,10 @@ def write_report(
     out: str | None = None,
     storage_options: dict[str, Any] | None = None,
     sample: int = DEFAULT_SAMPLE,
+    history_runs: int = DEFAULT_HISTORY_RUNS,
 ) -> str:
     """Render and write the page atomically; default ``OUT/reports/<run_id>.html``. Returns where it went."""
-    data = gather(output, run_id, storage_options=storage_options, sample=sample)
+    data = gather(output, run_id, storage_options=storage_options, sample=sample, history_runs=history_runs)
     target = out or join(output, "reports", f"{data.manifest['run_id']}.html")
     opts = storage_options if protocol_of(target) == protocol_of(output) else None
     write_bytes_atomic(target, render_html(data).encode("utf-8"), opts)

@@ -13,6 +13,8 @@ from typing import Any
 
 from catalog_tagger.figures import VIEWS_NOTE, count, savings_notes, savings_rows, timing_rows
 from catalog_tagger.kinds import Kind
+from catalog_tagger.report_history import History
+from catalog_tagger.report_history_svg import history_section
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ReportData:
     error_total: int
     error_kinds: list[tuple[str, int]]  # ("decode", n), ("read", n)
     cards: list[Card]
+    history: History | None = None  # the output's committed runs up to this one (report_history)
 
 
 def esc(v: Any) -> str:
@@ -207,7 +210,8 @@ def _script_json(obj: Any) -> str:
 
 
 def render_html(data: ReportData) -> str:
-    """The page: header, savings, throughput, label charts, gallery (filtered by the page's script) and errors."""
+    """The page: header, savings, throughput, the output's history, label charts, gallery (filtered by the page's
+    script) and errors."""
     m = data.manifest
     body = "".join(
         [
@@ -215,6 +219,7 @@ def render_html(data: ReportData) -> str:
             "<main>",
             _savings_section(m),
             _throughput_section(m),
+            history_section(data.history),
             _labels_section(data),
             _gallery_section(data),
             _errors_section(data),
