@@ -7,7 +7,9 @@
 #
 # Environment: CATALOG_TAGGER_PREFECT_PORT (4200), PREFECT_HOME (Prefect's database and logs: ~/.prefect), and
 # the CATALOG_TAGGER_* variables `prefect deploy` reads (deploy/prefect.yaml's header: HOME defaults to this
-# checkout, TZ to UTC; the nightly schedule stays paused until SOURCE, OUTPUT and MODEL are all set).
+# checkout, TZ to UTC; the nightly schedule stays paused until SOURCE, OUTPUT and MODEL are all set), and
+# CATALOG_TAGGER_NOTIFY_BLOCK: a notification block on that server; set, the alerts of deploy/automations.yaml are
+# installed (or updated) after the deploy. Flow runs emit heartbeats (deploy/prefect.yaml's job env).
 # Storage credentials: export them (or AWS_PROFILE) here; the worker hands its environment to every flow run.
 set -euo pipefail
 
@@ -78,6 +80,12 @@ fi
 "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1 || "$PREFECT" work-pool create "$POOL" --type process
 "$PREFECT" --no-prompt deploy --prefect-file deploy/prefect.yaml --all
 say "deployed: nightly-tagging/local (cron 0 2 * * * ${CATALOG_TAGGER_TZ:-UTC}), backfill/local, train-model/local"
+if [[ -n "${CATALOG_TAGGER_NOTIFY_BLOCK:-}" ]]; then
+    "$PY" -m flows.alerts --block "$CATALOG_TAGGER_NOTIFY_BLOCK"
+    say "alerts installed (deploy/automations.yaml) with notification block $CATALOG_TAGGER_NOTIFY_BLOCK"
+else
+    say "no alerts: set CATALOG_TAGGER_NOTIFY_BLOCK to a notification block's name to install deploy/automations.yaml"
+fi
 
 if [[ $DEPLOY_ONLY == 1 ]]; then
     exit 0
