@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from catalog_tagger import cli_output
+from catalog_tagger import cli_model, cli_output, cli_runs
 from catalog_tagger.errors import UserError
 from catalog_tagger.interrupts import EXIT_INTERRUPTED, EXIT_TRANSIENT, resumable_on_interrupt
 
@@ -60,81 +59,6 @@ def _root(
     )
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# --------------------------------------------------------------------------------------------- synth
-@app.command()
-def synth(
-    out: Annotated[str, typer.Option("--out", help="Where to write the catalog (path or fsspec URL).")],
-    images: Annotated[int, typer.Option("--images", "-n", min=1, help="Number of images.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
-    start: Annotated[int, typer.Option(help="Index of the first image (to add images to a catalog).")] = 0,
-) -> None:
-    """Write a synthetic product catalog: images, labels.parquet, truth.parquet and tasks.yaml."""
-    from catalog_tagger.synthetic.catalog import SynthConfig, generate
-
-    res = generate(SynthConfig(out=out, images=images, seed=seed, start=start))
-    console.print(f"wrote {len(res.images)} images under [bold]{res.out}[/]")
-    console.print(f"labels: {res.labels_uri}\ntasks:  {res.tasks_uri}")
-
-
-# --------------------------------------------------------------------------------------------- init-model
-@app.command("init-model")
-def init_model(
-    tasks: Annotated[str, typer.Option("--tasks", help="tasks.yaml")],
-    out: Annotated[str, typer.Option("--out", help="Artifact directory to write.")],
-    backbone: Annotated[str, typer.Option(help="Backbone registry name (see `backbones`).")] = "mobilenet_v3_small",
-    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Local safetensors file with pretrained backbone weights.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the random init.")] = 0,
-) -> None:
-    """Write an untrained model artifact (pretrained backbone if available, random heads)."""
-    import torch
-
-    from catalog_tagger.config import load_tasks
-    from catalog_tagger.model.artifact import card_for, save_artifact
-    from catalog_tagger.model.backbones import get_backbone
-    from catalog_tagger.model.multihead import build_model
-
-    cfg = load_tasks(tasks)
-    spec = get_backbone(backbone)
-    torch.manual_seed(seed)
-    model = build_model(backbone=backbone, tasks=cfg, weights=weights)
-    card = save_artifact(model, card_for(model, image_size=image_size or spec.default_image_size), out)
-    console.print(f"wrote model artifact {out} (version {card.version})")
-
-
-# --------------------------------------------------------------------------------------------- backbones
-@app.command()
-def backbones() -> None:
-    """List the registered backbones."""
-    from catalog_tagger.render import render_backbones
-
-    render_backbones(out_console)
-
-
-# --------------------------------------------------------------------------------------------- predict
-@app.command()
-def predict(
-    model: Annotated[str, typer.Option("--model", help="Model artifact directory (path or fsspec URL).")],
-    images: Annotated[list[str], typer.Argument(help="Image paths or fsspec URLs.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-) -> None:
-    """Predict every task for a few images."""
-    from catalog_tagger.model.inference import predict_uris
-    from catalog_tagger.render import render_predictions
-
-    results = predict_uris(model, images, device=device)
-    if not as_json:
-        render_predictions(results, out_console)
-    elif sys.stdout.isatty():
-        for r in results:
-            out_console.print_json(json.dumps(r))
-    else:
-        sys.stdout.writelines(json.dumps(r) + "\n" for r in results)
 
 
 # --------------------------------------------------------------------------------------------- tag
@@ -214,8 +138,18 @@ def tag(
     write_tasks: Annotated[
         int | None, typer.Option("--write-tasks", min=1, help="Ray: data files written at once.")
     ] = None,
+    max_error_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--max-error-fraction", min=0, max=1, help="Error budget (0.05): over it, exit 3 after the commit."
+        ),
+    ] = None,
 ) -> None:
-    """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet."""
+    """Tag a catalog with the multi-head model on Ray Data and commit predictions + embeddings to Parquet.
+
+    Exit codes: 0 done; 2 refused (bad input, nothing written); 3 committed, but more images failed than
+    --max-error-fraction allows; 75 a transient store or network failure (rerun); 130 interrupted (resumable).
+    """
     from catalog_tagger.render import render_run_summary, tag_progress
     from catalog_tagger.tag.job import TagJobConfig, new_run_id, run
 
@@ -226,7 +160,7 @@ def tag(
         max_image_bytes=max_image_bytes, read_timeout_s=read_timeout_s, read_deadline_s=read_deadline_s,
         max_image_pixels=max_image_pixels, allow_task_change=allow_task_change or None, write_tasks=write_tasks,
         baseline=list(baseline) if baseline else None, price_per_cpu_hour=price_per_cpu_hour,
-        recalibrate=recalibrate or None, decode_on=decode_on,
+        recalibrate=recalibrate or None, decode_on=decode_on, max_error_fraction=max_error_fraction,
     )  # fmt: skip
     params = {k: v for k, v in given.items() if v is not None}  # an option not given keeps the config's default
     params.setdefault("run_id", new_run_id())  # chosen here, so that an interrupted run can say how to resume
@@ -240,6 +174,7 @@ def tag(
     with resumable_on_interrupt(cfg.run_id or "", console), tag_progress(console) as progress:
         result = run(cfg, progress=progress)
     render_run_summary(result, out_console)
+    cli_runs.health_verdict(result.manifest, console)
 
 
 def _validated(model_cls: Callable[..., M], params: dict[str, Any]) -> M:
@@ -392,7 +327,9 @@ def demo(
     run_demo(out, images=images, console=console)
 
 
+cli_model.register(app)  # synth, init-model, backbones, predict
 cli_output.register(app)  # maintain, migrate
+cli_runs.register(app)  # runs
 
 
 # typer 0.29 (pinned in pyproject) vendors click: its usage errors are typer.TyperException subclasses with show()

@@ -53,6 +53,10 @@ RUNS_COLUMNS: tuple[tuple[str, tuple[str, ...], pa.DataType], ...] = (
         for key in savings_keys()
         if key != "decode_cpu_s"  # the timings' column, same value
     ),
+    # health (manifest version 5; null before): ok | warning | failed, and the error budget
+    ("health_status", ("health", "status"), pa.string()),
+    ("error_fraction", ("health", "error_fraction"), pa.float64()),
+    ("max_error_fraction", ("health", "max_error_fraction"), pa.float64()),
 )
 RUNS_SCHEMA = pa.schema([pa.field(name, typ) for name, _, typ in RUNS_COLUMNS])
 
@@ -189,8 +193,9 @@ def _create_latest(con: duckdb.DuckDBPyConnection, output: str, opts: Any, runs:
     return files
 
 
-def open_catalog(output: str, storage_options: dict[str, Any] | None = None) -> Catalog:
-    """Build the DuckDB views over ``output`` (see ``connect``) and return them with what they were built from."""
+def _open_history(output: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, DeltaTable | None]:
+    """The output's filesystem and predictions table (None before the first run); a missing output or one in the
+    v1 layout is a ``UserError``."""
     fs = filesystem(output, storage_options)
     if not fs.exists(strip(output)):
         raise UserError(f"output {output!r} does not exist")
@@ -198,6 +203,19 @@ def open_catalog(output: str, storage_options: dict[str, Any] | None = None) -> 
     history = delta.open_table(delta.table_uri(output, delta.PREDICTIONS), opts)
     if history is None:
         refuse_v1(fs, output)
+    return fs, history
+
+
+def run_manifests(output: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The committed runs' manifests, oldest first, read from the Delta log (no data file is read)."""
+    _, history = _open_history(output, storage_options)
+    return [] if history is None else [r.manifest for r in delta.all_runs(history)]
+
+
+def open_catalog(output: str, storage_options: dict[str, Any] | None = None) -> Catalog:
+    """Build the DuckDB views over ``output`` (see ``connect``) and return them with what they were built from."""
+    fs, history = _open_history(output, storage_options)
+    opts = delta.delta_options(output, storage_options)
     runs = [] if history is None else delta.all_runs(history)
     con = duckdb.connect()
     if not is_local(output):

@@ -14,7 +14,8 @@ from catalog_tagger.kinds import kind_of
 OUTPUT_SCHEMA_VERSION = 2  # 2: Delta Lake tables; embedding list<float32>; run_date partition
 # Bump on any change to the run manifest's keys (``RunManifest``). 2: counts.skipped_by_reason. 3: the Delta
 # commit lists the files: ``files``/``bytes`` are their count and size.
-MANIFEST_VERSION = 4  # 4: savings with ranges, busy and allocated views, calibration record; start-up timings
+# 4: savings with ranges, busy and allocated views, calibration record; start-up timings.
+MANIFEST_VERSION = 5  # 5: ``profile`` (label distributions, confidence) and ``health`` (error budget, drift)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -166,6 +167,12 @@ class RunManifest:
     notes: list[str]
     files: int = field(default=0, metadata=runs_column(pa.int64()))  # data files the run's Delta commit added
     bytes: int = field(default=0, metadata=runs_column(pa.int64()))  # their total size
+    # {"tasks": {task: {kind, rows, labels: {label: count}, mean_confidence, low_confidence_share}}} of the
+    # committed rows (tag/profile.py); None in manifests before version 5 and for runs that were not profiled
+    profile: dict[str, Any] | None = None
+    # {status: ok|warning|failed, error_fraction, max_error_fraction, warnings: [str], drift: [{task, psi,
+    # mean_confidence, previous_mean_confidence, message}]} (tag/health.py); None before manifest version 5
+    health: dict[str, Any] | None = None
     manifest_version: int = MANIFEST_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,17 +1,44 @@
 """The flows' Prefect artifacts under stable keys: the savings and summary of a tagging run, a training's metrics.
 
-Keys: ``{kind}-savings`` (table: every savings number, raw, so dashboards can read them back) and
-``{kind}-summary`` (markdown), ``kind`` being ``nightly`` or ``backfill``; ``train-metrics`` and ``train-summary``.
+Keys: ``{kind}-savings-{slug}`` (table: every savings number, raw, so dashboards can read them back) and
+``{kind}-summary-{slug}`` (markdown), ``kind`` being ``nightly`` or ``backfill`` and ``slug`` the output's
+(``output_slug``: two catalogs never share a key, so each keeps its own history); ``train-metrics`` and
+``train-summary``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from catalog_tagger.figures import savings_keys, savings_notes, savings_rows, timing_rows
 from catalog_tagger.render import TRAIN_METRICS
+from catalog_tagger.storage import redact
+
+_SLUG_TAIL = 32  # characters of the output's readable tail in a slug (keys and resource ids stay short)
+
+
+def output_slug(output: str) -> str:
+    """A stable id of an output root for artifact keys and event resources: lowercase letters, digits and dashes,
+    the location's last path segments (readable) plus a hash of the whole location (unique), at most 41 chars.
+
+    ``s3://bucket/catalogs/museum/out/`` -> ``museum-out-<8 hex>``; trailing slashes do not change it.
+    """
+    # no credentials in a key: user info and query strings (signed URLs) are left out of both parts
+    location = re.split(r"[?#]", redact(output.strip()), maxsplit=1)[0].rstrip("/") or "/"
+    digest = hashlib.blake2b(location.encode(), digest_size=4).hexdigest()
+    path = location.split("://", 1)[-1].rsplit("@", 1)[-1]
+    tail = re.sub(r"[^a-z0-9]+", "-", "-".join(path.lower().split("/")[-2:])).strip("-")
+    tail = tail[-_SLUG_TAIL:].strip("-")
+    return f"{tail}-{digest}" if tail else digest
+
+
+def artifact_key(kind: str, what: str, output: str) -> str:
+    """``{kind}-{what}-{slug}``: e.g. ``nightly-savings-museum-out-1a2b3c4d``."""
+    return f"{kind}-{what}-{output_slug(output)}"
 
 
 def savings_table(savings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,15 +86,15 @@ def summary_markdown(kind: str, result: dict[str, Any], report_uri: str | None, 
 
 
 def publish_run(kind: str, result: dict[str, Any], report_uri: str | None, path: str, when: str) -> None:
-    """``{kind}-savings`` (only when the run committed) and ``{kind}-summary``."""
+    """``{kind}-savings-{slug}`` (only when the run committed) and ``{kind}-summary-{slug}``."""
     if result["manifest"] is not None:
         create_table_artifact(
-            key=f"{kind}-savings",
+            key=artifact_key(kind, "savings", result["output"]),
             table=savings_table(result["manifest"]["savings"]),
             description=f"Savings of run {result['run_id']} ({when}): one multi-head model vs one model per task",
         )
     create_markdown_artifact(
-        key=f"{kind}-summary",
+        key=artifact_key(kind, "summary", result["output"]),
         markdown=summary_markdown(kind, result, report_uri, path, when),
         description=f"Summary of {kind} tagging run {result['run_id']}",
     )

@@ -28,6 +28,9 @@ QUIET_ENV = {
     # Python logger controls. At FATAL it prints one INFO line saying so instead; the Ray processes this demo
     # starts inherit the level (their C++ logs under /tmp/ray keep FATAL only; Python's are unchanged).
     "RAY_BACKEND_LOG_LEVEL": "fatal",
+    # The temporary Prefect server must answer within 20 s by default: on a loaded 2-core machine it took longer
+    # (seen in CI: "Timed out while attempting to connect to ephemeral Prefect API server"). Wait up to 2 minutes.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 QUIET_LOGGERS = {
     "httpx": logging.WARNING,  # one INFO "HTTP Request: ..." line per call of Prefect's client (~70 per demo)

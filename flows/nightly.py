@@ -4,7 +4,10 @@ A flow run validates its parameters (``NightlyParams``) before any task runs, de
 flow run (so a retry of the same flow run, task-level or from the UI, resumes the staged shards of the same run),
 tags on the Ray path its ``ray_address`` selects (``catalog_tagger.tag.cluster``), writes the HTML report,
 publishes the savings as Prefect artifacts (``flows.artifacts``), then maintains the output (``maintain``: a
-failure there is logged, never failing the night). Results are never persisted: no pickles anywhere.
+failure there is logged, never failing the night). A run over its error budget has committed its rows and
+published its artifacts, then the flow ends Failed with a message naming the count; it emits
+``catalog-tagger.run.over-error-budget`` then, and ``catalog-tagger.run.drift`` when the run's health lists drift.
+Results are never persisted: no pickles anywhere.
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.client.schemas.objects import State
+from prefect.events import emit_event
+from prefect.states import Failed
 
+from catalog_tagger.storage import redact
 from catalog_tagger.tag import cluster
 from catalog_tagger.tag import job as tag_job
+from catalog_tagger.tag.health import over_budget
 from catalog_tagger.tag.job import RunResult, TagJobConfig
-from flows.artifacts import publish_run
+from flows.artifacts import output_slug, publish_run
 from flows.params import NightlyParams
 from flows.runtime import TRANSIENT_RETRY, flow_run_namer, run_id_for_flow_run, scheduled_date
 
@@ -74,7 +82,33 @@ def _maintain(cfg: TagJobConfig) -> dict[str, Any] | None:
     return state.result()
 
 
-def _tag_and_report(kind: str, params: NightlyParams) -> dict[str, Any]:
+EVENT_DRIFT = "catalog-tagger.run.drift"
+EVENT_OVER_BUDGET = "catalog-tagger.run.over-error-budget"
+
+
+def _emit(event: str, output: str, run_id: str, payload: dict[str, Any]) -> None:
+    resource = {"prefect.resource.id": f"catalog-tagger.output.{output_slug(output)}"}
+    emit_event(event=event, resource=resource, payload={"output": redact(output), "run_id": run_id, **payload})
+
+
+def _health_verdict(result: dict[str, Any], report_uri: str | None) -> State | None:
+    """Events for the run's health; a Failed state when it is over its error budget (its rows are committed)."""
+    manifest = result["manifest"]
+    health = (manifest or {}).get("health") or {}
+    if health.get("drift"):
+        _emit(EVENT_DRIFT, result["output"], result["run_id"], {"drift": health["drift"]})
+    over = over_budget(manifest)
+    if over is None:
+        return None
+    message = f"{over}: see the run report" + (f" {report_uri}" if report_uri else "")
+    counts = {k: manifest["counts"][k] for k in ("rows", "error")}
+    fractions = {k: health[k] for k in ("error_fraction", "max_error_fraction")}
+    _emit(EVENT_OVER_BUDGET, result["output"], result["run_id"], {**counts, **fractions, "message": message})
+    get_run_logger().error("run %s: %s", result["run_id"], message)
+    return Failed(message=message)
+
+
+def _tag_and_report(kind: str, params: NightlyParams) -> dict[str, Any] | State:
     """The body of both flows: check, tag, report, publish the artifacts; the tasks are looked up at call time."""
     logger = get_run_logger()
     run_id = run_id_for_flow_run(kind)
@@ -98,6 +132,9 @@ def _tag_and_report(kind: str, params: NightlyParams) -> dict[str, Any]:
         result["unchanged"],
         f"; report {report_uri}" if report_uri else "",
     )
+    failed = _health_verdict(result, report_uri)
+    if failed is not None:
+        return failed
     return {**result, "report": report_uri, "ray_path": path, "maintained": maintained is not None}
 
 
@@ -116,7 +153,8 @@ def nightly_tagging(
     price_per_cpu_hour: float | None = None,
     recalibrate: bool = False,
     decode_on: str = "auto",
-) -> dict[str, Any]:
+    max_error_fraction: float | None = None,
+) -> dict[str, Any] | State:
     """Tag the new and changed images of a catalog, commit Parquet, and publish the savings report.
 
     Parameters are validated as one ``NightlyParams`` before any work (defaults: see that model).
@@ -137,13 +175,16 @@ def backfill(
     price_per_cpu_hour: float | None = None,
     recalibrate: bool = False,
     decode_on: str = "auto",
-) -> dict[str, Any]:
+    max_error_fraction: float | None = None,
+) -> dict[str, Any] | State:
     """Re-tag every image with ``model`` (e.g. a new model version), whatever earlier runs committed."""
     return _tag_and_report("backfill", NightlyParams.parse("backfill", **locals(), full=True))
 
 
-def as_run_result(flow_result: dict[str, Any]) -> RunResult:
+def as_run_result(flow_result: dict[str, Any] | State) -> RunResult:
     """The library's ``RunResult`` from a tagging flow's JSON result (drops the flow-only keys)."""
+    if isinstance(flow_result, State):  # a flow called without return_state raises before returning a state
+        raise RuntimeError(f"the tagging flow ended {flow_result.name}: {flow_result.message}")
     return RunResult.from_dict(flow_result)
 
 

@@ -60,6 +60,8 @@ class NightlyParams(_Params):
     price_per_cpu_hour: float | None = Field(default=None, ge=0)  # USD per CPU core-hour; None: CPU runs not priced
     recalibrate: bool = False  # measure the single-task calibration again (it is stored and reused otherwise)
     decode_on: Literal["auto", "cpu", "accelerator"] = "auto"  # where JPEGs are decoded (auto: the GPU if any)
+    # error budget: over it the run still commits, and the flow ends Failed naming the count
+    max_error_fraction: float = Field(default=0.05, ge=0, le=1)
 
     @field_validator("source", "output", "model")
     @classmethod

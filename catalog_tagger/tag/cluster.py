@@ -31,6 +31,7 @@ from catalog_tagger.tag import job
 from catalog_tagger.tag.commit import Layout, committed_manifest
 from catalog_tagger.tag.config import TagJobConfig
 from catalog_tagger.tag.executors import ProgressFn
+from catalog_tagger.tag.health import EXIT_OVER_BUDGET
 from catalog_tagger.tag.job import RunResult
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ _NOT_ON_CLI = ("calibrate", "storage_options", "decode_cpus")
 _VALUED = (
     "price_per_cpu_hour", "actors", "limit", "write_tasks", "allowed_root", "executor", "rows_per_shard",
     "shard_seconds", "decode_on", "max_image_bytes", "read_timeout_s", "read_deadline_s", "max_image_pixels",
+    "max_error_fraction",
 )  # fmt: skip
 _SWITCHES = ("full", "allow_task_change", "recalibrate")
 
@@ -206,6 +208,9 @@ def submit_tag_job(
     if status == JobStatus.SUCCEEDED:
         return _result_from_output(cfg, time.perf_counter() - t_start, submission_id)
     info = client.get_job_info(submission_id)
+    if status == JobStatus.FAILED and info.driver_exit_code == EXIT_OVER_BUDGET:
+        # committed, over its error budget: the manifest's health says so (no retry: it would change nothing)
+        return _result_from_output(cfg, time.perf_counter() - t_start, submission_id)
     tail = _log_tail(client, submission_id)
     detail = f"Ray job {submission_id} {status}: {info.message or ''}".strip()
     if tail:

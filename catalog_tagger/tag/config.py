@@ -51,6 +51,9 @@ class TagJobConfig(BaseModel):
     # on the embedded default (no cluster address, no CUDA GPU, at most local_max_images to tag), else ray.
     executor: Literal["auto", "ray", "local"] = "auto"
     local_max_images: int = Field(default=2000, ge=0)
+    # error budget: a run whose error rows exceed this fraction of its committed rows still commits, but its health
+    # is "failed" (the CLI exits 3, the nightly flow ends Failed)
+    max_error_fraction: float = Field(default=0.05, ge=0, le=1)
 
     @field_validator("run_id")
     @classmethod

@@ -19,7 +19,7 @@ from catalog_tagger.accounting import Pricing, Usage, compute_savings
 from catalog_tagger.model.artifact import ModelCard, load_card
 from catalog_tagger.schema import OUTPUT_SCHEMA_VERSION, RunCounts, RunManifest, RunTimings, output_schema
 from catalog_tagger.storage import is_local, is_storage_error, redact
-from catalog_tagger.tag import calibrate, commit, delta, latest, lock, migrate, writer
+from catalog_tagger.tag import calibrate, commit, delta, health, latest, lock, migrate, writer
 from catalog_tagger.tag.checks import validate
 from catalog_tagger.tag.commit import Layout
 from catalog_tagger.tag.config import TagJobConfig
@@ -218,6 +218,7 @@ def _commit(
             msg = f"nothing to commit: every tagged image was committed meanwhile by {', '.join(dropped.runs)}"
             return _nothing(cfg, planned, attempt, msg)
         manifest = _manifest(cfg, card, planned, attempt, dropped, cal)
+        health.assess(manifest, cfg, table=table, files=dropped.files, tasks=card.task_config())
         committed = commit.commit(layout, table, dropped.files, manifest, schema)
     _after_commit(cfg, layout, run_id)
     # the manifest's wall time, so that the console, the report and the artifacts show one figure

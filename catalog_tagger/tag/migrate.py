@@ -257,8 +257,8 @@ def _rewrite(
 
 def v2_manifest(doc: dict[str, Any], *, files: int, size: int) -> dict[str, Any]:
     """The v1 manifest as a v2 run's: the count and size of its data files instead of their list (the commit
-    names the files), the current versions, a note that it was migrated."""
-    out = {**doc, "files": files, "bytes": size, "manifest_version": MANIFEST_VERSION}
+    names the files), the current versions, no profile or health (a v1 run had none), a note that it was migrated."""
+    out = {"profile": None, "health": None, **doc, "files": files, "bytes": size, "manifest_version": MANIFEST_VERSION}
     out["schema_version"] = OUTPUT_SCHEMA_VERSION
     out["notes"] = [*out.get("notes", []), f"migrated from the v1 layout on {_now()[:10]}"]
     return out

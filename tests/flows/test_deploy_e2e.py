@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from catalog_tagger.figures import SAVINGS_RECORDS
+from flows.artifacts import artifact_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -169,7 +170,8 @@ def test_deployment_run_commits_the_catalog(local_prefect: LocalPrefect, catalog
 
     [run] = local_prefect.flow_runs("COMPLETED")
     assert re.fullmatch(r"nightly-\d{4}-\d{2}-\d{2}", run["name"])
-    arts = local_prefect.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["nightly-savings"]}}})
+    key = artifact_key("nightly", "savings", catalog["output"])  # per output: two catalogs never share a key
+    arts = local_prefect.post("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
     assert arts and arts[0]["flow_run_id"] == run["id"]
     rows = json.loads(arts[0]["data"]) if isinstance(arts[0]["data"], str) else arts[0]["data"]
     assert {r["key"]: r["value"] for r in rows} == {

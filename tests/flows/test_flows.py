@@ -18,7 +18,7 @@ from catalog_tagger.figures import SAVINGS_RECORDS
 from catalog_tagger.storage import is_transient
 from catalog_tagger.tag import job as tag_job
 from flows import nightly
-from flows.artifacts import savings_table, summary_markdown
+from flows.artifacts import artifact_key, output_slug, savings_table, summary_markdown
 from flows.nightly import backfill, nightly_tagging
 from flows.params import NightlyParams, TrainParams
 from flows.train import train_model
@@ -96,6 +96,19 @@ def test_savings_table_carries_every_number_raw() -> None:
     rows = savings_table(savings)
     assert {r["key"]: r["value"] for r in rows} == {k: v for k, v in savings.items() if k not in SAVINGS_RECORDS}
     assert all(r["metric"] for r in rows) and len({r["metric"] for r in rows}) == len(rows)
+
+
+def test_artifact_keys_are_per_output_and_stable() -> None:
+    a, b = "s3://bucket/catalogs/museum/out", "s3://bucket/catalogs/shop/out"
+    assert artifact_key("nightly", "savings", a) != artifact_key("nightly", "savings", b)
+    assert artifact_key("nightly", "savings", a) == artifact_key("nightly", "savings", a + "/")
+    assert output_slug(a) == "museum-out-" + output_slug(a).rsplit("-", 1)[1]  # readable tail + hash
+    # same tail, other bucket: still two keys; no credentials or query strings in a key
+    assert output_slug("s3://other/catalogs/museum/out") != output_slug(a)
+    assert "secret" not in output_slug("s3://user:secret@b/out?sig=secret")
+    for out in (a, "/tmp/x", "/", "C:\\Data\\Ünïcode Out", "gs://b/" + "x" * 300):
+        key = artifact_key("backfill", "summary", out)
+        assert re.fullmatch(r"[a-z0-9-]+", key) and len(key) <= 64, key
 
 
 def test_summary_markdown_without_a_commit() -> None:
@@ -212,13 +225,13 @@ def test_artifacts_carry_the_manifest_savings(flaky_night) -> None:
     state = flaky_night["state"]
     result = state.result()
     manifest = json.loads((Path(flaky_night["output"]) / "runs" / f"{result['run_id']}.json").read_text())
-    table = _artifact("nightly-savings")
+    table = _artifact(artifact_key("nightly", "savings", flaky_night["output"]))
     assert table.type == "table" and table.flow_run_id == state.state_details.flow_run_id
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["key"]: r["value"] for r in rows} == {
         k: v for k, v in manifest["savings"].items() if k not in SAVINGS_RECORDS
     }
-    summary = _artifact("nightly-summary")
+    summary = _artifact(artifact_key("nightly", "summary", flaky_night["output"]))
     assert summary.type == "markdown" and result["run_id"] in summary.data
     assert result["report"] and Path(result["report"]).exists()
     assert result["report"] in summary.data
@@ -260,7 +273,8 @@ def test_backfill_retags_everything(flaky_night, catalog) -> None:
     result = state.result()
     assert result["run_id"].startswith("backfill-") and result["ok"] == 20 and result["unchanged"] == 0
     assert result["manifest"]["incremental"] is False
-    assert _artifact("backfill-savings").flow_run_id == state.state_details.flow_run_id
+    savings = _artifact(artifact_key("backfill", "savings", flaky_night["output"]))
+    assert savings.flow_run_id == state.state_details.flow_run_id
 
 
 @pytest.mark.slow

@@ -141,7 +141,7 @@ GOLDEN_MANIFEST_KEYS = {
         "wall_s", "list_s", "pipeline_s", "accel_s", "decode_cpu_s", "images_per_s", "ray_init_s", "calibration_s",
         "first_batch_s",
     },
-    "resources": {"executor", "actors", "num_gpus", "threads", "write_nodes"},  # the local executor's plan
+    "resources": {"executor", "actors", "num_gpus", "threads", "decode_on", "write_nodes"},  # the local executor's plan
     "savings": {
         "images", "tasks", "device", "devices", "method", "factor", "factor_low", "factor_high",
         "multi_head_accel_s", "single_task_accel_s", "single_task_accel_s_low", "single_task_accel_s_high",
@@ -157,6 +157,8 @@ GOLDEN_MANIFEST_KEYS = {
     "notes": None,
     "files": None,  # data files the commit added
     "bytes": None,
+    "profile": {"tasks"},  # label distributions and confidence of the committed rows (tag/profile.py)
+    "health": {"status", "error_fraction", "max_error_fraction", "warnings", "drift"},  # tag/health.py
     "manifest_version": None,
 }  # fmt: skip
 
@@ -190,7 +192,10 @@ def test_bad_images_become_rows_and_never_crash(model, tmp_path):
          "--output", str(out), "--batch-size", "4", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # committed, but far over the default 5% error budget: exit 3 with the count named (one line)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    n_bad = sum(v == "error" for v in expected.values())
+    assert f"{n_bad} of {len(expected)} images" in proc.stderr and "5.0% error budget" in proc.stderr
     table = committed_rows(out)
     assert table.num_rows == len(expected)
     got = {
