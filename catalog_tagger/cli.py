@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from catalog_tagger import cli_model, cli_output, cli_runs
+from catalog_tagger import cli_index, cli_model, cli_neardup, cli_output, cli_runs
 from catalog_tagger.errors import UserError
 from catalog_tagger.interrupts import EXIT_INTERRUPTED, EXIT_TRANSIENT, resumable_on_interrupt
 
@@ -330,6 +330,8 @@ def demo(
 cli_model.register(app)  # synth, init-model, backbones, predict
 cli_output.register(app)  # maintain, migrate
 cli_runs.register(app)  # runs
+cli_index.register(app)  # index
+cli_neardup.register(app)  # near-duplicates
 
 
 # typer 0.29 (pinned in pyproject) vendors click: its usage errors are typer.TyperException subclasses with show()

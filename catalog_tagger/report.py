@@ -18,6 +18,7 @@ from catalog_tagger.decode import load_rgb
 from catalog_tagger.errors import UserError
 from catalog_tagger.fetch import read_bounded
 from catalog_tagger.kinds import KINDS
+from catalog_tagger.near_duplicates import summary as near_duplicates_summary
 from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
 from catalog_tagger.report_history import DEFAULT_HISTORY_RUNS, gather_history
 from catalog_tagger.report_html import Card, ReportData, TaskInfo, render_html
@@ -197,6 +198,7 @@ def gather(
             error_kinds=[(r["kind"], int(r["n"])) for r in kinds],
             cards=_cards(cat, tasks, sample, storage_options),
             history=gather_history(cat, manifest["run_id"], tasks, limit=history_runs) if history_runs else None,
+            near_duplicates=near_duplicates_summary(output, storage_options, str(manifest.get("model_version"))),
         )
     finally:
         cat.con.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 from catalog_tagger.figures import VIEWS_NOTE, count, savings_notes, savings_rows, timing_rows
 from catalog_tagger.kinds import Kind
+from catalog_tagger.near_duplicates import NearDupSummary, near_duplicates_section
 from catalog_tagger.report_history import History
 from catalog_tagger.report_history_svg import history_section
 
@@ -46,6 +47,7 @@ class ReportData:
     error_kinds: list[tuple[str, int]]  # ("decode", n), ("read", n)
     cards: list[Card]
     history: History | None = None  # the output's committed runs up to this one (report_history)
+    near_duplicates: NearDupSummary | None = None  # pairs at the default threshold (near_duplicates.summary)
 
 
 def esc(v: Any) -> str:
@@ -222,6 +224,7 @@ def render_html(data: ReportData) -> str:
             history_section(data.history),
             _labels_section(data),
             _gallery_section(data),
+            near_duplicates_section(data.near_duplicates),
             _errors_section(data),
             f'<p class="note">Generated {esc(datetime.now(UTC).isoformat(timespec="seconds"))} by catalog-tagger '
             f"from the Delta commit of run {esc(m.get('run_id'))}; only rows that commit added were read.</p>",

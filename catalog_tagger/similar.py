@@ -1,5 +1,6 @@
 """Nearest images by the shared embedding: ``similar`` over the ``latest`` rows of one model version, their
-embeddings read from the history (``latest`` holds none)."""
+embeddings read from the history (``latest`` holds none): through the version's ANN index (``ann``) when one
+exists, else by brute force (exact)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_tagger.ann import AnnIndex, matrix_of, open_index
 from catalog_tagger.errors import UserError
 from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
 from catalog_tagger.schema import STATUS_OK
@@ -96,7 +98,9 @@ def similar(
     version is loaded (rows x dim x 4 bytes: about 2.3 GB for 10^6 rows of 576 floats). Only rows of one model
     version are compared (embeddings of different models are not comparable): the query row's version for
     ``uri``, the latest run's for ``image``. For ``uri`` the image itself comes first with similarity 1.0.
-    Each result: ``uri``, ``similarity`` and the row's label column per task.
+    With an index of that version (``catalog-tagger index``) the search is approximate (exact for a "Flat" one)
+    and reads only the hits. Each result: ``uri``, ``similarity``, the row's label column per task and ``method``
+    ("index" or "exact").
     """
     if (uri is None) == (image is None):
         raise UserError("give exactly one of --uri (an image in the catalog) or --image (an image file)")
@@ -121,6 +125,9 @@ def similar(
             version = latest["model_version"]
             query_vec = _embed_image(image, model or latest["model"], version, storage_options)
         labels = _label_columns(cat, version)
+        index = open_index(output, storage_options, version, catalog=cat)
+        if index is not None:
+            return _via_index(cat, index, uri, query_vec, k, labels)
         rows = _rows(cat, version, labels)
         if rows.num_rows == 0 or (uri is not None and uri not in rows.column("uri").to_pylist()):
             raise UserError(f"the history of {output} has no embedding for the latest rows of model {version}")
@@ -152,4 +159,43 @@ def _nearest(
     # Highest similarity first; the query image before any exact twin; then by uri so ties are stable.
     order = sorted(top.tolist(), key=lambda i: (-float(sims[i]), i != self_idx, uris[i]))
     label_values = {t: rows.column(t).to_pylist() for t in labels}
-    return [{"uri": uris[i], "similarity": float(sims[i]), **{t: label_values[t][i] for t in labels}} for i in order]
+    return [
+        {"uri": uris[i], "similarity": float(sims[i]), **{t: label_values[t][i] for t in labels}, "method": "exact"}
+        for i in order
+    ]
+
+
+def _query_embedding(cat: Catalog, uri: str) -> np.ndarray:
+    """The embedding of ``uri``'s ``latest`` row, read from the history (pruned to its run and partition)."""
+    row = run_sql(cat.con, "SELECT run_id, run_date, model_version FROM latest WHERE uri = ?", [uri]).to_pylist()[0]
+    in_date = "run_date = ? AND " if row["run_date"] is not None else ""
+    params = [row["run_date"]] if row["run_date"] is not None else []
+    found = run_sql(
+        cat.con, f"SELECT embedding FROM predictions WHERE {in_date}run_id = ? AND uri = ? AND status = ? "
+        "ORDER BY tagged_at DESC LIMIT 1", [*params, row["run_id"], uri, STATUS_OK],
+    )  # fmt: skip
+    if found.num_rows == 0:
+        raise UserError(f"the history of {cat.output} has no embedding for the latest row of {uri}")
+    vec: np.ndarray = matrix_of(found, row["model_version"])[0]
+    return vec
+
+
+def _via_index(
+    cat: Catalog, index: AnnIndex, uri: str | None, query_vec: np.ndarray | None, k: int, labels: list[str]
+) -> list[dict[str, Any]]:
+    """``similar`` through the index; for ``uri`` the image itself first (similarity 1.0), found or not."""
+    if query_vec is None:
+        assert uri is not None  # exactly one of the two, checked by ``similar``
+        query_vec = _query_embedding(cat, uri)
+    scores, uris, _ = index.search(query_vec[None, :], k)
+    hits = list(zip(uris[0], scores[0][: len(uris[0])].tolist(), strict=True))
+    if uri is not None:
+        hits = [(uri, 1.0), *((u, s) for u, s in hits if u != uri)][:k]
+    cols = ", ".join(["uri", *(sql_ident(t) for t in labels)])
+    found = run_sql(cat.con, f"SELECT {cols} FROM latest WHERE uri IN (SELECT unnest(?))", [[u for u, _ in hits]])
+    by_uri = {r["uri"]: r for r in found.to_pylist()}
+    return [
+        {"uri": u, "similarity": min(max(s, -1.0), 1.0), **{t: by_uri.get(u, {}).get(t) for t in labels},
+         "method": "index"}
+        for u, s in hits
+    ]  # fmt: skip
