@@ -51,8 +51,8 @@ def near_duplicates(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json (JSON Lines)")] = "table",
 ) -> None:
     """Pairs of near-identical images (cosine of the embeddings >= --threshold) among the latest rows of one model
-    version, most similar first, with each side's labels and whether they disagree. Exact up to 100,000 rows;
-    above, it needs the index of `catalog-tagger index`."""
+    version, most similar first, with a group number (images connected by pairs), each side's labels and whether
+    they disagree. Exact up to 100,000 rows; above, the rows stream through the index of `catalog-tagger index`."""
     from catalog_tagger import query as q
     from catalog_tagger.near_duplicates import near_duplicates as find
 

@@ -1,5 +1,7 @@
 """Near-duplicate images by the shared embedding: pairs of ``latest`` rows of one model version whose cosine
-similarity is at least a threshold, with each side's labels and whether they disagree (a data-quality signal)."""
+similarity is at least a threshold, grouped (connected pairs share a ``group``), with each side's task values and
+whether their labels disagree (a data-quality signal). Bounded memory: exact block products up to ``EXACT_MAX_ROWS``
+rows; above, the rows stream from the output in batches and each batch queries the ANN index (``ann``)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_tagger.ann_search import open_index
+from catalog_tagger.embeddings import (
+    TaskColumn,
+    batches,
+    labels_of,
+    latest_rows,
+    live_count,
+    matrix_of,
+    normalise,
+    source_sql,
+    task_columns,
+)
 from catalog_tagger.errors import UserError
-from catalog_tagger.query import Catalog, open_catalog, run_sql
-from catalog_tagger.similar import _label_columns, _normalise, _rows
+from catalog_tagger.query import Catalog, open_catalog
+from catalog_tagger.storage import redact
 
 log = logging.getLogger(__name__)
 
 EXACT_MAX_ROWS = 100_000  # up to this many rows: exact blocked products (the matrix: rows x dim x 4 bytes)
-BLOCK_ROWS = 4096  # rows per side of one block product (4096^2 x 4 bytes = 64 MiB of similarities)
+BLOCK_ROWS = 4096  # rows per side of one block product (4096^2 x 4 bytes = 64 MiB), and query rows per index batch
 DEFAULT_THRESHOLD = 0.98
 REPORT_SAMPLE = 5  # pairs shown on the HTML report
 REPORT_MAX_ROWS = 20_000  # the report computes near-duplicates up to this many rows (exact: ~1e11 flops, seconds)
+
+Pair = tuple[str, str, float]  # uri_a < uri_b, cosine
 
 
 @dataclass
@@ -56,16 +72,6 @@ def _version(cat: Catalog, output: str, model_version: str | None) -> str:
     return model_version
 
 
-def _matrix(rows: pa.Table, version: str) -> np.ndarray:
-    """The rows' embeddings as unit vectors (float32, rows x dim)."""
-    emb = rows.column("embedding").combine_chunks()
-    lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
-    if len(lengths) != 1:
-        raise UserError(f"embeddings of model {version} have mixed lengths {lengths}: the output is inconsistent")
-    flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return _normalise(flat.reshape(rows.num_rows, -1))
-
-
 def exact_pairs(matrix: np.ndarray, threshold: float, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int, float]]:
     """Every pair ``(a, b, cosine)`` with ``a < b`` and cosine >= ``threshold`` over unit rows, by block products
     (memory: one ``block x block`` similarity block beside the matrix)."""
@@ -80,40 +86,40 @@ def exact_pairs(matrix: np.ndarray, threshold: float, block: int = BLOCK_ROWS) -
                 yield i + int(a), j + int(b), min(float(sims[a, b]), 1.0)
 
 
-def _index_pairs(
-    output: str, storage_options: dict[str, Any] | None, version: str, rows: pa.Table, threshold: float, k: int
-) -> Iterator[tuple[int, int, float]]:
-    """Pairs from the ANN index of ``version`` (``catalog-tagger index``): each row's ``k`` nearest, kept when at
-    least ``threshold``; refused when there is no index."""
-    index = _open_index(output, storage_options, version)
+def _exact(cat: Catalog, version: str, threshold: float) -> Iterator[Pair]:
+    """Every pair at >= ``threshold``, exact (the caller keeps this to at most ``EXACT_MAX_ROWS`` rows)."""
+    rows = latest_rows(cat, version, [])
+    if rows.num_rows == 0:
+        return
+    uris = rows.column("uri").to_pylist()
+    for a, b, sim in exact_pairs(normalise(matrix_of(rows, version)), threshold):
+        yield (uris[a], uris[b], sim) if uris[a] < uris[b] else (uris[b], uris[a], sim)
+
+
+def _index_pairs(cat: Catalog, version: str, threshold: float, k: int, batch_rows: int = BLOCK_ROWS) -> Iterator[Pair]:
+    """Pairs from the ANN index of ``version``: the ``latest`` rows stream from the output ``batch_rows`` at a time,
+    each batch asks the index for its rows' ``k`` nearest, those at >= ``threshold`` are kept (each pair once).
+    Memory: the index, one batch and the pairs found. Refused when there is no index."""
+    # its own catalog (connection): the rows stream from ``cat``'s while the index checks its hits against latest
+    index = open_index(cat.output, cat.storage_options, version)
     if index is None:
         raise UserError(
-            f"{rows.num_rows:,} rows of model {version} are too many for an exact search (over {EXACT_MAX_ROWS:,}): "
-            f"run `catalog-tagger index --output {output}` first"
+            f"the rows of model {version} are too many for an exact search (over {EXACT_MAX_ROWS:,}): "
+            f"run `catalog-tagger index --output {redact(cat.output)}` first"
         )
-    uris = rows.column("uri").to_pylist()
-    position = {u: i for i, u in enumerate(uris)}
-    seen: set[tuple[int, int]] = set()
-    for start in range(0, rows.num_rows, BLOCK_ROWS):
-        queries = _matrix(rows.slice(start, BLOCK_ROWS), version)
-        scores, hits, _ = index.search(queries, k + 1)  # + 1: a row finds itself first
-        for q, (row_scores, row_hits) in enumerate(zip(scores, hits, strict=True)):
-            for score, uri in zip(row_scores, row_hits, strict=False):
-                other = position.get(uri)
-                if other is None or other == start + q or float(score) < threshold:
-                    continue
-                pair = (min(start + q, other), max(start + q, other))
-                if pair not in seen:
-                    seen.add(pair)
-                    yield pair[0], pair[1], min(float(score), 1.0)
-
-
-def _open_index(output: str, storage_options: dict[str, Any] | None, version: str) -> Any:
+    seen: set[tuple[str, str]] = set()
     try:
-        from catalog_tagger import ann  # helper "index"; absent in builds without it
-    except ImportError:
-        return None
-    return ann.open_index(output, storage_options, version)
+        for batch in batches(cat, source_sql(cat, version), batch_rows):
+            queries = batch.column("uri").to_pylist()
+            scores, hits, _ = index.search(normalise(matrix_of(batch, version)), k + 1)  # + 1: a row finds itself
+            for uri, row_scores, row_hits in zip(queries, scores, hits, strict=True):
+                for score, other in zip(row_scores.tolist(), row_hits, strict=False):
+                    pair = (uri, other) if uri < other else (other, uri)
+                    if other != uri and score >= threshold and pair not in seen:
+                        seen.add(pair)
+                        yield pair[0], pair[1], min(score, 1.0)
+    finally:
+        index.close()
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -123,43 +129,53 @@ def _same(x: Any, y: Any) -> bool:
     return bool(x == y)
 
 
-def _table(rows: pa.Table, labels: list[str], pairs: list[tuple[int, int, float]]) -> pa.Table:
-    """The pairs as a table, most similar first: uri_a, uri_b, similarity, <task>_a, <task>_b..., labels_disagree."""
-    pairs.sort(key=lambda p: (-p[2], p[0], p[1]))
-    a_idx = pa.array([p[0] for p in pairs], pa.int64())
-    b_idx = pa.array([p[1] for p in pairs], pa.int64())
-    cols: dict[str, pa.Array] = {
-        "uri_a": rows.column("uri").take(a_idx),
-        "uri_b": rows.column("uri").take(b_idx),
-        "similarity": pa.array([p[2] for p in pairs], pa.float64()),
+def groups(pairs: list[Pair]) -> dict[str, int]:
+    """Connected images (union-find over the pairs): uri -> group number, numbered in the order of ``pairs``."""
+    parent: dict[str, str] = {}
+
+    def root(u: str) -> str:
+        parent.setdefault(u, u)
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]  # path halving
+            u = parent[u]
+        return u
+
+    for a, b, _ in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    number: dict[str, int] = {}
+    return {u: number.setdefault(root(u), len(number)) for a, b, _ in pairs for u in (a, b)}
+
+
+def _table(pairs: list[Pair], values: dict[str, dict[str, Any]], tasks: list[TaskColumn]) -> pa.Table:
+    """The pairs as a table, most similar first: uri_a, uri_b, similarity, group, <task>_a, <task>_b...,
+    labels_disagree (a labelled task differs; a regression value is shown, not compared)."""
+    pairs = sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))
+    group = groups(pairs)
+    cols: dict[str, list[Any]] = {
+        "uri_a": [p[0] for p in pairs],
+        "uri_b": [p[1] for p in pairs],
+        "similarity": [p[2] for p in pairs],
+        "group": [group[p[0]] for p in pairs],
     }
     differ = [False] * len(pairs)
-    for t in labels:
-        cols[f"{t}_a"], cols[f"{t}_b"] = rows.column(t).take(a_idx), rows.column(t).take(b_idx)
-        for i, (x, y) in enumerate(zip(cols[f"{t}_a"].to_pylist(), cols[f"{t}_b"].to_pylist(), strict=True)):
-            differ[i] = differ[i] or not _same(x, y)
-    cols["labels_disagree"] = pa.array(differ, pa.bool_())
-    return pa.table(cols)
-
-
-def _load(
-    output: str, storage_options: dict[str, Any] | None, model_version: str | None
-) -> tuple[str, list[str], pa.Table]:
-    cat = open_catalog(output, storage_options)
-    try:
-        version = _version(cat, output, model_version)
-        labels = _label_columns(cat, version)
-        return version, labels, _rows(cat, version, labels)
-    finally:
-        cat.con.close()
+    for t in tasks:
+        cols[f"{t.name}_a"] = [values.get(p[0], {}).get(t.name) for p in pairs]
+        cols[f"{t.name}_b"] = [values.get(p[1], {}).get(t.name) for p in pairs]
+        if t.labelled:
+            pairs_ab = zip(cols[f"{t.name}_a"], cols[f"{t.name}_b"], strict=True)
+            differ = [d or not _same(x, y) for d, (x, y) in zip(differ, pairs_ab, strict=True)]
+    cols["labels_disagree"] = differ
+    types = {"similarity": pa.float64(), "group": pa.int64(), "labels_disagree": pa.bool_()}
+    return pa.table({name: pa.array(v, types.get(name)) for name, v in cols.items()})
 
 
 def count_rows(output: str, storage_options: dict[str, Any] | None, model_version: str) -> int:
     """Rows of ``latest`` tagged by ``model_version``."""
     cat = open_catalog(output, storage_options)
     try:
-        n = run_sql(cat.con, "SELECT count(*) AS n FROM latest WHERE model_version = ?", [model_version])
-        return int(n.column("n")[0].as_py())
+        return live_count(cat, model_version)
     finally:
         cat.con.close()
 
@@ -171,27 +187,43 @@ def near_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     model_version: str | None = None,
     k: int = 10,
+    exact_max: int = EXACT_MAX_ROWS,
 ) -> pa.Table:
     """Pairs of ``latest`` rows of one model version (the latest run's by default) with cosine >= ``threshold``.
 
-    Up to ``EXACT_MAX_ROWS`` rows: exact, every pair once (``uri_a < uri_b``). Above: each row's ``k`` nearest
-    from the ANN index (``catalog-tagger index``), refused without one. Columns: ``uri_a``, ``uri_b``,
-    ``similarity``, ``<task>_a`` / ``<task>_b`` per task and ``labels_disagree``; most similar first.
+    Up to ``exact_max`` rows: exact, every pair once (``uri_a < uri_b``; memory: the rows' matrix). Above: the rows
+    stream from the output and each one's ``k`` nearest come from the ANN index (``catalog-tagger index``; refused
+    without one), so a pair is found when one side is among the other's ``k`` nearest. Columns: ``uri_a``,
+    ``uri_b``, ``similarity``, ``group`` (images connected by pairs), ``<task>_a`` / ``<task>_b`` per task and
+    ``labels_disagree``; most similar first.
     """
-    return _search(output, storage_options, threshold, model_version, k)[0]
+    return _search(output, storage_options, threshold, model_version, (k, exact_max))[0]
 
 
 def _search(
-    output: str, storage_options: dict[str, Any] | None, threshold: float, model_version: str | None, k: int
+    output: str,
+    storage_options: dict[str, Any] | None,
+    threshold: float,
+    model_version: str | None,
+    opts: tuple[int, int],
 ) -> tuple[pa.Table, str]:
+    """(pairs table, method); ``opts``: (neighbours per row through the index, most rows searched exactly)."""
+    k, exact_max = opts
     _check(threshold, k)
-    version, labels, rows = _load(output, storage_options, model_version)
-    if rows.num_rows <= EXACT_MAX_ROWS:
-        method, pairs = "exact", list(exact_pairs(_matrix(rows, version), threshold) if rows.num_rows else [])
-    else:
-        method, pairs = "index", list(_index_pairs(output, storage_options, version, rows, threshold, k))
-    log.info("near-duplicates of model %s (%s): %d pairs at >= %s", version, method, len(pairs), threshold)
-    return _table(rows, labels, pairs), method
+    cat = open_catalog(output, storage_options)
+    try:
+        version = _version(cat, output, model_version)
+        tasks = task_columns(cat, version)
+        n = live_count(cat, version)
+        if n <= exact_max:
+            method, pairs = "exact", list(_exact(cat, version, threshold))
+        else:
+            method, pairs = "index", list(_index_pairs(cat, version, threshold, k))
+        values = labels_of(cat, sorted({u for p in pairs for u in p[:2]}), [t.name for t in tasks]) if pairs else {}
+    finally:
+        cat.con.close()
+    log.info("near-duplicates of model %s (%s, %d rows): %d pairs at >= %s", version, method, n, len(pairs), threshold)
+    return _table(pairs, values, tasks), method
 
 
 def summary(
@@ -202,7 +234,7 @@ def summary(
     if count_rows(output, storage_options, model_version) > REPORT_MAX_ROWS:
         return None
     try:
-        table, method = _search(output, storage_options, threshold, model_version, 10)
+        table, method = _search(output, storage_options, threshold, model_version, (10, EXACT_MAX_ROWS))
     except UserError as err:
         log.warning("report: no near-duplicates section: %s", err)
         return None

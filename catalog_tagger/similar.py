@@ -9,47 +9,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from catalog_tagger.ann import AnnIndex, matrix_of, open_index
+from catalog_tagger.ann_search import AnnIndex, open_index
+from catalog_tagger.embeddings import labels_of, latest_rows, matrix_of, normalise, task_columns
 from catalog_tagger.errors import UserError
-from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
+from catalog_tagger.query import Catalog, open_catalog, run_sql
 from catalog_tagger.schema import STATUS_OK
-
-
-def _label_columns(cat: Catalog, model_version: str) -> list[str]:
-    tasks: list[str] = []
-    for m in cat.manifests:
-        if m.get("model_version") == model_version:
-            tasks = list(m.get("tasks") or [])
-    present = set(cat.con.sql("SELECT * FROM latest LIMIT 0").columns)
-    return [t for t in tasks if t in present]
-
-
-def _rows(cat: Catalog, version: str, labels: list[str]) -> pa.Table:
-    """``uri``, ``embedding`` and the label columns of every ``latest`` row of model ``version``.
-
-    The embedding is the one of the same row in the history (same uri and run). The history scan is pruned to the
-    partitions (``run_date``) and runs those rows come from, filters the dataset applies before reading a file.
-    """
-    found = run_sql(
-        cat.con, "SELECT list(DISTINCT run_id) AS ids, list(DISTINCT run_date) AS dates FROM latest "
-        "WHERE model_version = ?", [version],
-    ).to_pylist()[0]  # fmt: skip
-    ids, dates = found["ids"] or [], [d for d in found["dates"] or [] if d is not None]
-    in_dates = f"p.run_date IN ({', '.join(f'DATE {sql_string(d.isoformat())}' for d in dates)}) AND " if dates else ""
-    cols = ", ".join(["l.uri", "p.embedding", *(f"l.{sql_ident(t)}" for t in labels)])
-    return run_sql(
-        cat.con,
-        f"""
-        SELECT {cols} FROM latest AS l JOIN predictions AS p ON p.uri = l.uri AND p.run_id = l.run_id
-        WHERE {in_dates}p.run_id IN ({", ".join(sql_string(i) for i in ids) or "NULL"})
-          AND p.model_version = ? AND p.status = {sql_string(STATUS_OK)} AND l.model_version = ?
-        QUALIFY row_number() OVER (PARTITION BY l.uri ORDER BY p.tagged_at DESC) = 1
-        ORDER BY l.uri
-        """,
-        [version, version],
-    )
 
 
 def _embed_image(image: str, model_uri: str, model_version: str, storage_options: dict[str, Any] | None) -> np.ndarray:
@@ -75,12 +40,6 @@ def _embed_image(image: str, model_uri: str, model_version: str, storage_options
     batch = np.stack([dec.array])  # a writable copy: torch refuses read-only arrays
     embedding: np.ndarray = run_batch(model, batch).output.embedding[0].numpy().astype(np.float32)
     return embedding
-
-
-def _normalise(m: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a zero row stays zero), so a dot product is the cosine similarity."""
-    unit: np.ndarray = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
-    return unit
 
 
 def similar(
@@ -124,11 +83,11 @@ def similar(
             latest = cat.manifest()
             version = latest["model_version"]
             query_vec = _embed_image(image, model or latest["model"], version, storage_options)
-        labels = _label_columns(cat, version)
+        labels = [t.name for t in task_columns(cat, version)]  # labels, and a regression task's value
         index = open_index(output, storage_options, version, catalog=cat)
         if index is not None:
             return _via_index(cat, index, uri, query_vec, k, labels)
-        rows = _rows(cat, version, labels)
+        rows = latest_rows(cat, version, labels)
         if rows.num_rows == 0 or (uri is not None and uri not in rows.column("uri").to_pylist()):
             raise UserError(f"the history of {output} has no embedding for the latest rows of model {version}")
     finally:
@@ -140,14 +99,10 @@ def _nearest(
     rows: pa.Table, labels: list[str], version: str, uri: str | None, query_vec: np.ndarray | None, k: int
 ) -> list[dict[str, Any]]:
     """The ``k`` rows nearest to row ``uri`` (when given) or to ``query_vec``, most similar first."""
-    emb = rows.column("embedding").combine_chunks()
-    lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
-    if len(lengths) != 1:
-        raise UserError(f"embeddings of model {version} have mixed lengths {lengths}: the output is inconsistent")
-    matrix = _normalise(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(rows.num_rows, -1))
+    matrix = normalise(matrix_of(rows, version))
     uris = rows.column("uri").to_pylist()
     self_idx = uris.index(uri) if uri is not None else -1
-    q = matrix[self_idx] if query_vec is None else _normalise(query_vec.astype(np.float32))
+    q = matrix[self_idx] if query_vec is None else normalise(query_vec)
     sims = np.clip(matrix @ q, -1.0, 1.0)
     if self_idx >= 0:
         sims[self_idx] = 1.0  # cos(x, x) is 1 by definition; float rounding must not put a twin first
@@ -191,9 +146,7 @@ def _via_index(
     hits = list(zip(uris[0], scores[0][: len(uris[0])].tolist(), strict=True))
     if uri is not None:
         hits = [(uri, 1.0), *((u, s) for u, s in hits if u != uri)][:k]
-    cols = ", ".join(["uri", *(sql_ident(t) for t in labels)])
-    found = run_sql(cat.con, f"SELECT {cols} FROM latest WHERE uri IN (SELECT unnest(?))", [[u for u, _ in hits]])
-    by_uri = {r["uri"]: r for r in found.to_pylist()}
+    by_uri = labels_of(cat, [u for u, _ in hits], labels)
     return [
         {"uri": u, "similarity": min(max(s, -1.0), 1.0), **{t: by_uri.get(u, {}).get(t) for t in labels},
          "method": "index"}

@@ -3,11 +3,11 @@
 A flow run validates its parameters (``NightlyParams``) before any task runs, derives the tagging run id from the
 flow run (so a retry of the same flow run, task-level or from the UI, resumes the staged shards of the same run),
 tags on the Ray path its ``ray_address`` selects (``catalog_tagger.tag.cluster``), writes the HTML report,
-publishes the savings as Prefect artifacts (``flows.artifacts``), then maintains the output (``maintain``: a
-failure there is logged, never failing the night). A run over its error budget has committed its rows and
-published its artifacts, then the flow ends Failed with a message naming the count; it emits
-``catalog-tagger.run.over-error-budget`` then, and ``catalog-tagger.run.drift`` when the run's health lists drift.
-Results are never persisted: no pickles anywhere.
+publishes the savings as Prefect artifacts (``flows.artifacts``), then maintains the output (``maintain``) and
+refreshes its ANN index when it has one (``ann.refresh``): a failure there is logged, never failing the night.
+A run over its error budget has committed its rows and published its artifacts, then the flow ends Failed with a
+message naming the count; it emits ``catalog-tagger.run.over-error-budget`` then, and ``catalog-tagger.run.drift``
+when the run's health lists drift. Results are never persisted: no pickles anywhere.
 """
 
 from __future__ import annotations
@@ -73,13 +73,32 @@ def maintain_output(output: str, storage_options: dict[str, Any] | None) -> dict
     return dataclasses.asdict(maintain(output, storage_options))
 
 
-def _maintain(cfg: TagJobConfig) -> dict[str, Any] | None:
-    """Maintenance after the night's tagging: its failure is logged and never fails the tagging result."""
-    state = maintain_output(cfg.output, cfg.storage_options, return_state=True)
+@task(name="refresh-index", **TRANSIENT_RETRY)
+def refresh_index(output: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Add the night's committed rows to the output's ANN index (a rebuild for a new model version); an output
+    nobody indexed (``catalog-tagger index``) is left alone: None (``catalog_tagger.ann.refresh``)."""
+    from catalog_tagger.ann import refresh
+
+    return refresh(output, storage_options)
+
+
+def _after_commit(what: str, step: Any, cfg: TagJobConfig) -> dict[str, Any] | None:
+    """A step after the night's commit (maintenance, the index): its failure is logged, never failing the night."""
+    state = step(cfg.output, cfg.storage_options, return_state=True)
     if state.is_failed():
-        get_run_logger().warning("maintenance of %s failed (tagging is committed): %s", cfg.output, state.message)
+        get_run_logger().warning("%s of %s failed (tagging is committed): %s", what, cfg.output, state.message)
         return None
-    return state.result()
+    result: dict[str, Any] | None = state.result()
+    return result
+
+
+def _maintain(cfg: TagJobConfig) -> dict[str, Any] | None:
+    """Maintenance after the night's tagging, then the ANN index refresh (both best effort)."""
+    maintained = _after_commit("maintenance", maintain_output, cfg)
+    indexed = _after_commit("the index refresh", refresh_index, cfg)
+    if indexed is not None:
+        get_run_logger().info("index of model %s: %d vector(s)", indexed["model_version"], indexed["count"])
+    return maintained
 
 
 EVENT_DRIFT = "catalog-tagger.run.drift"

@@ -88,16 +88,48 @@ def test_labels_disagree_is_true_exactly_when_a_label_differs(tagged) -> None:
         differ = any(sorted(map(str, r[f"{t}_a"] or [])) != sorted(map(str, r[f"{t}_b"] or []))
                      if isinstance(r[f"{t}_a"], list) else r[f"{t}_a"] != r[f"{t}_b"] for t in tasks)  # fmt: skip
         assert r["labels_disagree"] is differ
-    # (a random-init head gives every image the same labels, so the disagreeing case is checked on a table here)
-    import pyarrow as pa
-
+    # (a random-init head gives every image the same labels, so the disagreeing case is checked on a table here;
+    # a regression task's float is shown on both sides but never compared)
+    from catalog_tagger.embeddings import TaskColumn
     from catalog_tagger.near_duplicates import _table
 
-    rows = pa.table({"uri": ["a", "b", "c"], "color": ["red", "red", "blue"], "badges": [["x", "y"], ["y", "x"], []]})
-    got = _table(rows, ["color", "badges"], [(0, 1, 0.99), (0, 2, 0.995), (1, 2, 0.98)]).to_pylist()
+    values = {"a": {"color": "red", "badges": ["x", "y"], "price": 1.0},
+              "b": {"color": "red", "badges": ["y", "x"], "price": 2.5},
+              "c": {"color": "blue", "badges": [], "price": 1.0}}  # fmt: skip
+    tasks = [TaskColumn("color", "multiclass", True), TaskColumn("badges", "multilabel", True),
+             TaskColumn("price", "regression", False)]  # fmt: skip
+    got = _table([("a", "b", 0.99), ("a", "c", 0.995), ("b", "c", 0.98)], values, tasks).to_pylist()
     assert [(r["uri_a"], r["uri_b"], r["labels_disagree"]) for r in got] == [
         ("a", "c", True), ("a", "b", False), ("b", "c", True)]  # fmt: skip
-    assert got[1]["color_a"] == "red" and got[1]["badges_b"] == ["y", "x"]
+    assert got[1]["color_a"] == "red" and got[1]["badges_b"] == ["y", "x"] and got[1]["price_b"] == 2.5
+    assert {r["group"] for r in got} == {0}  # connected: one group
+
+
+def test_groups_are_connected_components() -> None:
+    from catalog_tagger.near_duplicates import groups
+
+    got = groups([("d", "e", 0.99), ("a", "b", 0.99), ("b", "c", 0.985), ("x", "c", 0.98)])
+    assert got["d"] == got["e"] == 0 and got["a"] == got["b"] == got["c"] == got["x"] == 1
+
+
+def test_index_path_streams_and_finds_the_same_pairs(tagged) -> None:
+    """Above ``exact_max`` rows (lowered here) the rows stream batch by batch through the ANN index; without one the
+    search is refused with the command to run."""
+    import shutil
+
+    from catalog_tagger import ann
+
+    exact = {frozenset((r["uri_a"], r["uri_b"])) for r in near_duplicates(tagged.out).to_pylist()}
+    with pytest.raises(UserError, match=r"too many for an exact search .* run `catalog-tagger index --output"):
+        near_duplicates(tagged.out, exact_max=4)
+    ann.build(tagged.out)
+    try:
+        table = near_duplicates(tagged.out, exact_max=4)
+        assert {frozenset((r["uri_a"], r["uri_b"])) for r in table.to_pylist()} == exact
+        assert len(set(table.column("group").to_pylist())) == N_COPIES  # each copy with its own original
+        assert all(0.98 <= s <= 1.0 for s in table.column("similarity").to_pylist())
+    finally:
+        shutil.rmtree(Path(tagged.out) / ann.INDEX_DIR)  # the module's other tests search exactly
 
 
 def test_exact_pairs_blocks_agree_with_the_full_product() -> None:
