@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from catalog_tagger import cli_index, cli_model, cli_neardup, cli_output, cli_runs
+from catalog_tagger import cli_compare, cli_index, cli_model, cli_neardup, cli_output, cli_runs, cli_train
 from catalog_tagger.errors import UserError
 from catalog_tagger.interrupts import EXIT_INTERRUPTED, EXIT_TRANSIENT, resumable_on_interrupt
 
@@ -188,51 +188,6 @@ def _validated(model_cls: Callable[..., M], params: dict[str, Any]) -> M:
         raise UserError(f"invalid parameters: {msgs}") from None
 
 
-# --------------------------------------------------------------------------------------------- train
-@app.command()
-def train(
-    tasks: Annotated[str, typer.Option("--tasks", help="tasks.yaml (path or fsspec URL).")],
-    labels: Annotated[str, typer.Option("--labels", help="Labels table (.parquet/.csv): uri + a column per task.")],
-    out: Annotated[str, typer.Option("--out", help="Model artifact directory to write.")],
-    backbone: Annotated[str | None, typer.Option(help="Backbone registry name (default small_cnn).")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Input px (default: the backbone's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs; early stopping may stop sooner (15).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Global batch size (default 64).")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-3).")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (default 4).")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="cosine (default) | plateau (ReduceLROnPlateau).")] = None,
-    weights: Annotated[str | None, typer.Option(help="Pretrained backbone weights (.safetensors).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray Train data-parallel workers (>1 uses Ray).")] = None,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Train on this Ray cluster.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for split, init, shuffling, augmentation (default 0).")] = None,
-    single_task: Annotated[
-        bool, typer.Option("--single-task", help="Also train one model per task; write comparison.json.")
-    ] = False,
-    max_images: Annotated[int | None, typer.Option("--max-images", help="Use only the first N rows.")] = None,
-    color_jitter: Annotated[float | None, typer.Option("--color-jitter", help="Colour jitter (0 = off).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
-) -> None:
-    """Train the multi-head model on a labels table and write the artifact (+ metrics.csv, split, report)."""
-    from catalog_tagger.render import render_training
-    from catalog_tagger.train.compare import iter_comparison_rows
-    from catalog_tagger.train.config import TrainConfig
-    from catalog_tagger.train.pipeline import train as run_training
-
-    cfg = TrainConfig.parse(
-        tasks=tasks, labels=labels, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
-        batch_size=batch_size, lr=lr, patience=patience, scheduler=scheduler, weights=weights, workers=workers,
-        ray_address=ray_address, seed=seed, single_task=single_task, max_images=max_images,
-        color_jitter=color_jitter, device=device,
-    )  # fmt: skip
-    res = run_training(cfg)
-    render_training(res, iter_comparison_rows(res.comparison) if res.comparison else [], out_console)
-    skipped = len(res.skipped)
-    console.print(
-        f"wrote model artifact [bold]{res.out}[/] (version {res.card.version}): {res.images_used} images, "
-        f"{skipped} skipped, best epoch {res.best_epoch}/{res.epochs_run}, {res.seconds:.0f}s"
-    )
-
-
 # --------------------------------------------------------------------------------------------- query / similar / report
 _QUERY_FORMATS = ("table", "csv", "json", "parquet")
 
@@ -327,11 +282,13 @@ def demo(
     run_demo(out, images=images, console=console)
 
 
+cli_train.register(app)  # train
 cli_model.register(app)  # synth, init-model, backbones, predict
 cli_output.register(app)  # maintain, migrate
 cli_runs.register(app)  # runs
 cli_index.register(app)  # index
 cli_neardup.register(app)  # near-duplicates
+cli_compare.register(app)  # compare
 
 
 # typer 0.29 (pinned in pyproject) vendors click: its usage errors are typer.TyperException subclasses with show()

@@ -22,11 +22,14 @@ def synth(
     images: Annotated[int, typer.Option("--images", "-n", min=1, help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
     start: Annotated[int, typer.Option(help="Index of the first image (to add images to a catalog).")] = 0,
+    regression: Annotated[
+        bool, typer.Option("--regression", help="Add the regression task 'brightness' (labels and tasks.yaml).")
+    ] = False,
 ) -> None:
     """Write a synthetic product catalog: images, labels.parquet, truth.parquet and tasks.yaml."""
     from catalog_tagger.synthetic.catalog import SynthConfig, generate
 
-    res = generate(SynthConfig(out=out, images=images, seed=seed, start=start))
+    res = generate(SynthConfig(out=out, images=images, seed=seed, start=start, regression=regression))
     console.print(f"wrote {len(res.images)} images under [bold]{res.out}[/]")
     console.print(f"labels: {res.labels_uri}\ntasks:  {res.tasks_uri}")
 
@@ -38,7 +41,8 @@ def init_model(
     backbone: Annotated[str, typer.Option(help="Backbone registry name (see `backbones`).")] = "mobilenet_v3_small",
     image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
     weights: Annotated[
-        str | None, typer.Option(help="Local safetensors file with pretrained backbone weights.")
+        str | None,
+        typer.Option(help="Pretrained backbone weights: a .safetensors file or a folder holding one (docs/weights.md)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random init.")] = 0,
 ) -> None:
@@ -60,10 +64,12 @@ def init_model(
 
 # --------------------------------------------------------------------------------------------- backbones
 def backbones() -> None:
-    """List the registered backbones."""
+    """List the registered backbones, and the timm provider (timm/<name>)."""
+    from catalog_tagger.model.timm_backbone import timm_listing
     from catalog_tagger.render import render_backbones
 
     render_backbones(out_console)
+    out_console.print(timm_listing(), highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------------------------- predict

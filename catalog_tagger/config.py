@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from catalog_tagger.errors import ConfigError
 from catalog_tagger.kinds import KINDS
 
-TaskKind = Literal["multiclass", "multilabel"]
+TaskKind = Literal["multiclass", "multilabel", "regression"]
+RegressionLoss = Literal["huber", "mse"]
 
 # Output columns every row has; a task may not shadow them (``<task>_score`` suffixes included).
 RESERVED_COLUMNS = frozenset(
@@ -49,10 +50,14 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str  # column name in the output: lowercase letters, digits, underscores
-    kind: TaskKind  # multiclass: softmax, one label; multilabel: sigmoid, any subset of labels
-    labels: tuple[str, ...]  # label strings, in head-output order
+    kind: TaskKind  # multiclass: softmax, one label; multilabel: sigmoid, any subset of labels; regression: a number
+    labels: tuple[str, ...] = ()  # label strings, in head-output order (a regression task has none)
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # loss weight in the joint training objective
     threshold: float | None = Field(default=None, allow_inf_nan=False)  # multilabel only: in (0, 1)
+    # regression only: [lo, hi] of the target, mapped to [0, 1] for training and back for outputs (absent: as is).
+    # Left out of dumps when unset, so the cards of the other kinds (and their version hashes) stay as they were.
+    range: tuple[float, float] | None = Field(default=None, exclude_if=lambda v: v is None)
+    loss: RegressionLoss | None = Field(default=None, exclude_if=lambda v: v is None)  # regression only: huber
 
     @field_validator("name")
     @classmethod
@@ -79,7 +84,7 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _kind_rules(self) -> TaskSpec:
-        KINDS[self.kind].check(self.labels, self.threshold)
+        KINDS[self.kind].check(self)
         return self
 
     @property

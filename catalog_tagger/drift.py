@@ -4,6 +4,9 @@ with the pooled profiles of the previous runs (``tag/profile.py`` makes a profil
 PSI = sum over labels of (p - q) * ln(p / q), p this run's share of a label and q the previous runs' pooled share
 (a label absent on one side counts as ``EPSILON``): 0 when nothing moved; by the usual rule of thumb under 0.1 is
 stable, 0.1-0.2 a moderate shift, 0.2 and over a significant one.
+
+A regression task's profile counts its values per bin of its ``range`` under ``labels``, so the same PSI compares
+its distribution; one without a range has no bins and gets no verdict (nor does any task without a confidence).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Evaluation metrics in numpy (no sklearn): multiclass accuracy/macro-F1, multilabel F1/mAP, threshold tuning."""
+"""Evaluation metrics in numpy (no sklearn): multiclass accuracy/macro-F1, multilabel F1/mAP, threshold tuning,
+regression MAE/RMSE/R²."""
 
 from __future__ import annotations
 
@@ -129,3 +130,26 @@ def tune_thresholds(
         pick = best[np.argmin(np.abs(grid_arr[best] - default))]
         out.append(float(grid_arr[pick]))
     return out
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """MAE, RMSE and R² (1 - SSE / total sum of squares around the truth's mean) of the labelled examples.
+
+    In the target's own units (de-normalised). R² is None when the truth does not vary (it is undefined), and every
+    figure None without examples. ``baseline_mae`` is the MAE of predicting the truth's mean: what a head that
+    learnt nothing would score, to read ``mae`` against.
+    """
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1)
+    n = int(y_true.size)
+    if n == 0:
+        return {"mae": None, "rmse": None, "r2": None, "baseline_mae": None, "n": 0}
+    err = y_pred - y_true
+    total = float(((y_true - y_true.mean()) ** 2).sum())
+    return {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "r2": float(1.0 - (err**2).sum() / total) if total > 0 else None,
+        "baseline_mae": float(np.abs(y_true - y_true.mean()).mean()),
+        "n": n,
+    }

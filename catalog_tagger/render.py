@@ -133,7 +133,9 @@ def render_predictions(results: Iterable[dict[str, Any]], console: Console) -> N
         if r["status"] != "ok":
             table.add_row("-", Text.assemble(("error", "red"), f": {r['error']}"), "")
         for task, pred in r.get("predictions", {}).items():
-            if isinstance(pred["label"], list):
+            if "value" in pred:  # a regression task: a number, no score
+                table.add_row(task, f"{pred['value']:.4g}", "")
+            elif isinstance(pred["label"], list):
                 scores = "  ".join(f"{name} {s:.2f}" for name, s in zip(pred["labels"], pred["scores"], strict=True))
                 table.add_row(task, Text(", ".join(pred["label"]) or "(none)"), Text(scores))
             else:

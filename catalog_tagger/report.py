@@ -21,7 +21,7 @@ from catalog_tagger.kinds import KINDS
 from catalog_tagger.near_duplicates import summary as near_duplicates_summary
 from catalog_tagger.query import Catalog, open_catalog, run_sql, sql_ident, sql_string
 from catalog_tagger.report_history import DEFAULT_HISTORY_RUNS, gather_history
-from catalog_tagger.report_html import Card, ReportData, TaskInfo, render_html
+from catalog_tagger.report_html import Card, Histogram, ReportData, TaskInfo, render_html
 from catalog_tagger.schema import STATUS_ERROR, STATUS_OK
 from catalog_tagger.storage import join, protocol_of, write_bytes_atomic
 from catalog_tagger.tag import delta
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SAMPLE = 48  # gallery cards
 THUMB_PX = 128  # longest side of a gallery thumbnail
 MAX_ERROR_ROWS = 1000  # error rows listed on the page (the total is always shown)
+HISTOGRAM_BINS = 20  # a regression task's histogram: equal bins from the run's lowest value to its highest
 _THUMB_WORKERS = 8  # thumbnails are object-store reads: I/O bound
 
 
@@ -70,10 +71,14 @@ def _task_infos(cat: Catalog, manifest: dict[str, Any]) -> list[TaskInfo]:
         if name not in cols:
             continue
         multi = cols[name].endswith("[]")
-        # Files without metadata (older versions) had two kinds, told apart by the column's shape.
-        kind = KINDS.get(meta.get(name, {}).get("kind"), KINDS["multilabel" if multi else "multiclass"])
+        # Files without metadata (older versions) are told apart by the column's type: a list, a number, a label.
+        shape = "multilabel" if multi else "regression" if cols[name] in ("FLOAT", "DOUBLE") else "multiclass"
+        kind = KINDS.get(meta.get(name, {}).get("kind"), KINDS[shape])
         if name in meta:
             out.append(TaskInfo(name, kind, [str(x) for x in meta[name]["labels"]], multi))
+            continue
+        if kind.numeric:
+            out.append(TaskInfo(name, kind, [], multi))
             continue
         labels = f"SELECT unnest({_labels_sql(name, multi)}) AS v FROM run_rows"
         seen = run_sql(cat.con, f"SELECT DISTINCT v FROM ({labels}) WHERE v IS NOT NULL ORDER BY v")
@@ -95,6 +100,29 @@ def _distribution(cat: Catalog, task: TaskInfo) -> list[tuple[str, int]]:
         )
         rows.append(("(no label)", int(none.column("n")[0].as_py())))
     return rows
+
+
+def _histogram(cat: Catalog, task: TaskInfo, bins: int = HISTOGRAM_BINS) -> Histogram:
+    """A numeric task's values over the ok rows: ``bins`` equal bins from the lowest value to the highest."""
+    v = sql_ident(task.name)
+    where = f"status = {sql_string(STATUS_OK)} AND {v} IS NOT NULL AND isfinite({v})"
+    stats = run_sql(cat.con, f"SELECT min({v}) AS lo, max({v}) AS hi, avg({v}) AS mean, count(*) AS n FROM run_rows "
+                    f"WHERE {where}").to_pylist()[0]  # fmt: skip
+    if not stats["n"]:
+        return Histogram(lo=None, hi=None, counts=[], mean=None)
+    lo, hi = float(stats["lo"]), float(stats["hi"])
+    width = (hi - lo) / bins
+    if width <= 0:  # every value the same: one bin
+        return Histogram(lo=lo, hi=hi, counts=[int(stats["n"])], mean=float(stats["mean"]))
+    found = run_sql(
+        cat.con,
+        f"SELECT least(CAST(floor(({v} - {lo!r}) / {width!r}) AS INTEGER), {bins - 1}) AS b, count(*) AS n "
+        f"FROM run_rows WHERE {where} GROUP BY b",
+    ).to_pylist()
+    counts = [0] * bins
+    for r in found:
+        counts[int(r["b"])] += int(r["n"])
+    return Histogram(lo=lo, hi=hi, counts=counts, mean=float(stats["mean"]))
 
 
 def thumbnail(
@@ -119,7 +147,9 @@ def thumbnail(
 
 
 def _tags(task: TaskInfo, value: Any) -> list[str]:
-    """One row's label cell as a list (empty for none)."""
+    """One row's label cell as a list (empty for none); a number as its text."""
+    if task.kind.numeric:
+        return [] if value is None else [f"{value:.4g}"]
     if task.multi:
         return [str(x) for x in value or []]
     return [] if value is None else [str(value)]
@@ -128,8 +158,9 @@ def _tags(task: TaskInfo, value: Any) -> list[str]:
 def _cards(cat: Catalog, tasks: list[TaskInfo], sample: int, storage_options: dict[str, Any] | None) -> list[Card]:
     cols = ["uri"]
     for t in tasks:
-        score = sql_ident(t.name + t.kind.score_column)
-        cols += [sql_ident(t.name), f"{score} AS {sql_ident('_score_' + t.name)}"]
+        cols.append(sql_ident(t.name))
+        if t.kind.score_column:  # a numeric task (regression) has no score column
+            cols.append(f"{sql_ident(t.name + t.kind.score_column)} AS {sql_ident('_score_' + t.name)}")
     # md5 of the uri: a deterministic sample that does not favour any folder or name prefix.
     rows = run_sql(
         cat.con,
@@ -192,7 +223,8 @@ def gather(
             manifest=manifest,
             tasks=tasks,
             ok=int(counts["ok"]),
-            distributions={t.name: _distribution(cat, t) for t in tasks},
+            distributions={t.name: _distribution(cat, t) for t in tasks if not t.kind.numeric},
+            histograms={t.name: _histogram(cat, t) for t in tasks if t.kind.numeric},
             errors=[(r["uri"], r["error"] or "") for r in errors],
             error_total=int(counts["err"]),
             error_kinds=[(r["kind"], int(r["n"])) for r in kinds],

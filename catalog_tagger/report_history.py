@@ -9,6 +9,7 @@ one grouped DuckDB query per task (run id, status and the task's columns only). 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -193,8 +194,20 @@ def task_history(cat: Catalog, manifests: list[dict[str, Any]], task: TaskLike, 
         log.debug("history of %s: %d run(s) without a profile read from rows", task.name, len(unprofiled))
         _from_rows(cat, unprofiled, task, th, low)
     seen = {label for c in th.counts.values() for label in c}
-    th.labels += sorted(seen - set(th.labels))
+    th.labels += sorted(seen - set(th.labels), key=_bin_order if task.kind.numeric else None)
     return th
+
+
+def _bin_order(label: str) -> tuple[float, str]:
+    """A regression task's profile bins (``tag/profile.bin_labels``: ``< lo``, ``[a, b)``, ``>= hi``) in value order."""
+    try:
+        if label.startswith("< "):
+            return (-math.inf, label)
+        if label.startswith(">= "):
+            return (math.inf, label)
+        return (float(label.strip("[").split(",")[0]), label)
+    except ValueError:
+        return (math.inf, label)
 
 
 def gather_history(

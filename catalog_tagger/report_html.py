@@ -26,6 +26,16 @@ class TaskInfo:
     multi: bool  # the label column holds a list (zero or more labels per image), not one label
 
 
+@dataclass(frozen=True)
+class Histogram:
+    """A numeric (regression) task's values in a run: equal bins from ``lo`` to ``hi``."""
+
+    lo: float | None  # the lowest value (None: no values)
+    hi: float | None  # the highest
+    counts: list[int]  # values per bin, lowest bin first
+    mean: float | None
+
+
 @dataclass
 class Card:
     uri: str
@@ -48,6 +58,7 @@ class ReportData:
     cards: list[Card]
     history: History | None = None  # the output's committed runs up to this one (report_history)
     near_duplicates: NearDupSummary | None = None  # pairs at the default threshold (near_duplicates.summary)
+    histograms: dict[str, Histogram] = field(default_factory=dict)  # numeric (regression) task -> its values
 
 
 def esc(v: Any) -> str:
@@ -132,9 +143,51 @@ def _chart(task: TaskInfo, dist: list[tuple[str, int]]) -> str:
     return "".join(parts)
 
 
+def _histogram(task: TaskInfo, h: Histogram | None) -> str:
+    """A numeric task's histogram: one vertical bar per bin, the range and the mean under it (inline SVG)."""
+    head = (
+        f'<div class="chart histogram" data-task="{esc(task.name)}"><h3>{esc(task.name)} '
+        f"<small>({esc(task.kind.name)})</small></h3>"
+    )
+    if h is None or h.lo is None or h.hi is None or not h.counts:
+        return head + "<p>No values in this run.</p></div>"
+    plot_w, plot_h, pad = 360, 120, 4
+    top = max(h.counts) or 1
+    bar = plot_w / len(h.counts)
+    step = (h.hi - h.lo) / len(h.counts)
+    parts = [
+        head,
+        f'<svg width="{plot_w + 2 * pad}" height="{plot_h + 36}" role="img" aria-label="{esc(task.name)} histogram">',
+    ]
+    for i, n in enumerate(h.counts):
+        a, b = h.lo + i * step, h.lo + (i + 1) * step
+        height = plot_h * n / top
+        parts.append(
+            f'<g class="bin" data-bin="{i}" data-lo="{a!r}" data-hi="{b!r}" data-count="{n}">'
+            f"<title>[{a:.4g}, {b:.4g}]: {n:,}</title>"
+            f'<rect class="bar" x="{pad + i * bar + 1:.1f}" y="{pad + plot_h - height:.1f}" '
+            f'width="{max(bar - 2, 1):.1f}" height="{height:.1f}"></rect></g>'
+        )
+    y = plot_h + pad + 16
+    mean = "" if h.mean is None else f"mean {h.mean:.4g}"
+    parts.append(
+        f'<text x="{pad}" y="{y}">{h.lo:.4g}</text>'
+        f'<text x="{pad + plot_w}" y="{y}" text-anchor="end">{h.hi:.4g}</text>'
+        f'<text class="count" x="{pad + plot_w / 2:.1f}" y="{y + 14}" text-anchor="middle">{esc(mean)} '
+        f"(n={sum(h.counts):,})</text></svg></div>"
+    )
+    return "".join(parts)
+
+
 def _labels_section(data: ReportData) -> str:
-    charts = "".join(_chart(t, data.distributions[t.name]) for t in data.tasks)
-    note = "Counts over the ok rows of this run; a multilabel image counts once per label."
+    charts = "".join(
+        _histogram(t, data.histograms.get(t.name)) if t.kind.numeric else _chart(t, data.distributions[t.name])
+        for t in data.tasks
+    )
+    note = (
+        "Counts over the ok rows of this run; a multilabel image counts once per label; a regression task shows the "
+        "histogram of its values."
+    )
     return (
         f'<section id="labels"><h2>Labels per task</h2><div class="charts">{charts}</div>'
         f'<p class="note">{note}</p></section>'
@@ -234,7 +287,8 @@ def render_html(data: ReportData) -> str:
     page = importlib.resources.files("catalog_tagger").joinpath("templates/report.html").read_text("utf-8")
     payload = {
         "run_id": m.get("run_id"),
-        "tasks": [{"name": t.name, "kind": t.kind.name, "labels": t.labels} for t in data.tasks],
+        # the gallery filters by label: numeric (regression) tasks have none to filter by
+        "tasks": [{"name": t.name, "kind": t.kind.name, "labels": t.labels} for t in data.tasks if not t.kind.numeric],
     }
     return string.Template(page).substitute(
         title=esc(f"catalog-tagger run {m.get('run_id')}"), body=body, data=_script_json(payload)

@@ -168,7 +168,8 @@ class RunManifest:
     files: int = field(default=0, metadata=runs_column(pa.int64()))  # data files the run's Delta commit added
     bytes: int = field(default=0, metadata=runs_column(pa.int64()))  # their total size
     # {"tasks": {task: {kind, rows, labels: {label: count}, mean_confidence, low_confidence_share}}} of the
-    # committed rows (tag/profile.py); None in manifests before version 5 and for runs that were not profiled
+    # committed rows (tag/profile.py); None in manifests before version 5 and for runs that were not profiled. A
+    # regression task adds mean, std, min and max, and its labels are counts per bin of its range (none without one)
     profile: dict[str, Any] | None = None
     # {status: ok|warning|failed, error_fraction, max_error_fraction, warnings: [str], drift: [{task, psi,
     # mean_confidence, previous_mean_confidence, message}]} (tag/health.py); None before manifest version 5

@@ -3,7 +3,8 @@
 Keys: ``{kind}-savings-{slug}`` (table: every savings number, raw, so dashboards can read them back) and
 ``{kind}-summary-{slug}`` (markdown), ``kind`` being ``nightly`` or ``backfill`` and ``slug`` the output's
 (``output_slug``: two catalogs never share a key, so each keeps its own history); ``train-metrics`` and
-``train-summary``.
+``train-summary``; ``train-promotion-{slug}`` (markdown: the promotion gate's comparison, slug of the current model
+location) and ``train-promotion-table-{slug}`` (the same rows, raw).
 """
 
 from __future__ import annotations
@@ -125,3 +126,46 @@ def publish_training(result: dict[str, Any]) -> None:
         c = result["comparison"]
         md.append(f"Measured multi-head vs {c['n_tasks']} single-task models: cost ratio {c['cost_ratio']:.2f}x.")
     create_markdown_artifact(key="train-summary", markdown="\n".join(md) + "\n")
+
+
+PROMOTION_HEADER = ("task", "metric", "current", "new", "change", "verdict")
+
+
+def promotion_markdown(promotion: dict[str, Any]) -> str:
+    """The gate's decision and its comparison table (same test images, each task's headline metric)."""
+    from catalog_tagger.train.promote import comparison_rows  # torch: only the training flow gets here
+
+    title = "Promoted" if promotion["promoted"] else "Not promoted"
+    lines = [
+        f"# {title}: `{promotion['new_version']}` -> `{promotion['promote_to']}`",
+        "",
+        promotion["message"],
+        "",
+        f"Current model `{promotion['current_version']}`; tolerance {promotion['tolerance']:g} (absolute, on each "
+        f"task's headline metric); {promotion['test_images']} test images of the new run.",
+    ]
+    rows = comparison_rows(promotion)
+    if rows:
+        lines += ["", "| " + " | ".join(PROMOTION_HEADER) + " |", "|" + "---|" * len(PROMOTION_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def publish_promotion(promotion: dict[str, Any]) -> None:
+    """``train-promotion-{slug}`` (markdown) and ``train-promotion-table-{slug}`` (one row per task, raw values)."""
+    where = promotion["promote_to"]
+    create_markdown_artifact(
+        key=artifact_key("train", "promotion", where),
+        markdown=promotion_markdown(promotion),
+        description=f"Promotion gate of {promotion['new_version']} to {where}",
+    )
+    table = [
+        {k: t[k] for k in ("task", "metric", "current", "new", "change", "higher_is_better", "verdict", "refuses")}
+        for t in promotion["tasks"]
+    ]
+    if table:
+        create_table_artifact(
+            key=artifact_key("train", "promotion-table", where),
+            table=table,
+            description=f"Promotion gate of {promotion['new_version']}: current vs new model on the same test split",
+        )

@@ -100,11 +100,24 @@ class TrainParams(_Params):
     single_task: bool = False  # also train one model per task and write comparison.json
     max_images: int | None = None  # use only the first N rows
     device: str | None = None  # auto | cpu | cuda
+    weights: str | None = None  # pretrained backbone weights: a safetensors file or folder (no download)
+    freeze_backbone_epochs: int | None = None  # train only the heads for N epochs, then unfreeze the backbone
+    backbone_lr_factor: float | None = None  # the backbone trains at lr x this after unfreezing (e.g. 0.1)
+    loss_balance: str | None = None  # fixed (tasks.yaml weights) | uncertainty (learned, Kendall et al. 2018)
+    # promotion gate: the `current` model folder the nightly deployment's `model` reads; None or '' (the deployment's
+    # CATALOG_TAGGER_MODEL was unset): no gate, the model is only written to `out`
+    promote_to: str | None = None
+    promotion_tolerance: float | None = Field(default=None, ge=0)  # default: TrainConfig's (0.01 absolute)
 
     @field_validator("tasks", "labels", "out")
     @classmethod
     def _uri(cls, v: str, info: ValidationInfo) -> str:
         return _required_uri(str(info.field_name), v)
+
+    @field_validator("promote_to")
+    @classmethod
+    def _promote_to(cls, v: str | None) -> str | None:
+        return _required_uri("promote_to", v) if v and v.strip() else None
 
     def train_config(self) -> TrainConfig:
         """The library's ``TrainConfig`` (its own checks run here: a bad value is a ``ConfigError``)."""

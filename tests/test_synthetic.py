@@ -268,3 +268,38 @@ def test_bad_images_decode_as_expected(tmp_path: Path) -> None:
         else:
             with pytest.raises(DecodeError):
                 decode_image(data, 64)
+
+
+def test_the_regression_task_is_opt_in_and_is_the_pixels_brightness(tmp_path: Path) -> None:
+    from catalog_tagger.synthetic.plan import REGRESSION_TASK, SYNTH_TASKS_WITH_REGRESSION
+
+    plain = generate(SynthConfig(out=str(tmp_path / "plain"), images=24, seed=4, **SMALL))
+    res = generate(SynthConfig(out=str(tmp_path / "reg"), images=24, seed=4, regression=True, **SMALL))
+    assert _digests(tmp_path / "plain") == _digests(tmp_path / "reg")  # the images do not change
+    assert load_tasks(res.tasks_uri) == SYNTH_TASKS_WITH_REGRESSION
+    assert SYNTH_TASKS_WITH_REGRESSION.names == [*SYNTH_TASKS.names, REGRESSION_TASK]
+    assert SYNTH_TASKS_WITH_REGRESSION.task(REGRESSION_TASK).kind == "regression"
+    labels, plain_labels = _rows(res.labels_uri), _rows(plain.labels_uri)
+    assert list(labels[0]) == ["uri", *SYNTH_TASKS_WITH_REGRESSION.names]
+    # The other tasks' withheld labels stay the same with the extra task (its draw comes after theirs).
+    assert [{k: r[k] for k in r if k != REGRESSION_TASK} for r in _strip_uri(labels)] == _strip_uri(plain_labels)
+    truth = _rows(res.truth_uri)
+    for row, label in zip(truth, labels, strict=True):
+        # The target is the image's own mean luma, as a decoder sees it (EXIF orientation does not change a mean).
+        with Image.open(row["uri"]) as img:
+            luma = np.asarray(img.convert("L"), dtype=np.float32).mean() / 255
+        assert row[REGRESSION_TASK] == pytest.approx(luma, abs=0.02)  # lossy encoding moves it a little
+        assert label[REGRESSION_TASK] in (None, row[REGRESSION_TASK])
+    values = [r[REGRESSION_TASK] for r in truth]
+    assert 0.0 < min(values) < max(values) < 1.0 and np.std(values) > 0.03  # it varies: something to learn
+
+
+def test_cli_synth_regression_flag(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from catalog_tagger.cli import app
+    from catalog_tagger.synthetic.plan import SYNTH_TASKS_WITH_REGRESSION
+
+    r = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "c"), "-n", "2", "--regression"])
+    assert r.exit_code == 0, r.output
+    assert load_tasks(tmp_path / "c" / "tasks.yaml") == SYNTH_TASKS_WITH_REGRESSION

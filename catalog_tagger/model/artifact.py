@@ -112,10 +112,10 @@ def _check_card(raw: Any, where: str) -> None:
         spec = get_backbone(card.backbone)
     except UserError as err:
         raise ArtifactError(f"{where}: field 'backbone': {err}") from None
-    if not spec.min_image_size <= card.image_size <= MAX_IMAGE_SIZE:
+    if not spec.min_image_size <= card.image_size <= min(spec.max_image_size, MAX_IMAGE_SIZE):
         raise ArtifactError(
-            f"{where}: field 'image_size': {card.image_size} is outside {spec.min_image_size}..{MAX_IMAGE_SIZE} px "
-            f"({card.backbone}'s range)"
+            f"{where}: field 'image_size': {card.image_size} is outside {spec.min_image_size}.."
+            f"{spec.max_image_size} px ({card.backbone}'s range)"
         )
     if card.embedding_dim != spec.embedding_dim:
         raise ArtifactError(

@@ -1,4 +1,8 @@
-"""Backbone registry: trunks that map (B, 3, H, W) images to a flat embedding, refusing duplicate names."""
+"""Backbone registry: trunks that map (B, 3, H, W) images to a flat embedding, refusing duplicate names.
+
+Two providers besides the registered names: torchvision's models (registered here, with their hub-cache weights)
+and timm (``timm/<name>``, optional: ``timm_backbone``), resolved on demand by ``get_backbone``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from torch import nn
 
 from catalog_tagger.errors import UserError
+from catalog_tagger.model.timm_backbone import build_timm, is_timm, timm_facts, timm_version
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,6 +32,8 @@ class BackboneSpec:
     torchvision_weights: str | None = None  # torchvision weights enum entry, to find the hub cache file
     default_image_size: int = 224
     min_image_size: int = 32  # smallest input the trunk accepts
+    max_image_size: int = MAX_IMAGE_SIZE  # largest input the trunk accepts (its own size for a fixed-size ViT)
+    provider: str = "catalog_tagger"  # where the architecture comes from: catalog_tagger | torchvision | timm
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -45,14 +52,43 @@ def backbone_names() -> list[str]:
 
 
 def get_backbone(name: str) -> BackboneSpec:
+    """The spec of a registered backbone, or of ``timm/<name>`` (needs timm); else a one-line ``UserError``."""
+    if is_timm(name):
+        return _timm_spec(name)
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}") from None
+        raise UserError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}, or timm/<name>"
+        ) from None
+
+
+def _timm_spec(name: str) -> BackboneSpec:
+    """The spec of ``timm/<name>``: its embedding width, input size and limits from timm's own config."""
+    facts = timm_facts(name)
+    return BackboneSpec(
+        name,
+        lambda: build_timm(name, IMAGENET_MEAN, IMAGENET_STD),
+        facts.embedding_dim,
+        default_image_size=facts.image_size,
+        min_image_size=facts.image_size if facts.fixed_size else 32,
+        max_image_size=facts.image_size if facts.fixed_size else MAX_IMAGE_SIZE,
+        provider="timm",
+    )
+
+
+def backbone_provider(name: str) -> dict[str, str]:
+    """Where a backbone's architecture comes from, for the training facts (``timm`` with its version)."""
+    spec = get_backbone(name)
+    if spec.provider == "timm":
+        return {"provider": "timm", "timm_version": timm_version() or "?"}
+    return {"provider": spec.provider}
 
 
 class Trunk(nn.Module):
     """torchvision ``features`` + global pooling (+ optional norm) + flatten."""
+
+    weights_prefix = ""  # torchvision's keys (``features.*``) are the trunk's own
 
     def __init__(self, features: nn.Module, post: nn.Module | None = None) -> None:
         super().__init__()
@@ -109,14 +145,19 @@ def _small_cnn() -> nn.Module:
     )
 
 
+def _tv_spec(name: str, dim: int, weights: str) -> BackboneSpec:
+    """A torchvision backbone: its architecture, embedding width and weights enum entry (for the hub cache)."""
+    return BackboneSpec(name, _tv(name), dim, weights, provider="torchvision")
+
+
 for _spec in (
     BackboneSpec("tiny_cnn", _tiny_cnn, 32, default_image_size=64, min_image_size=8),
     BackboneSpec("small_cnn", _small_cnn, 128, default_image_size=128, min_image_size=16),
-    BackboneSpec("mobilenet_v3_small", _tv("mobilenet_v3_small"), 576, "MobileNet_V3_Small_Weights.IMAGENET1K_V1"),
-    BackboneSpec("mobilenet_v3_large", _tv("mobilenet_v3_large"), 960, "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
-    BackboneSpec("resnet18", _tv("resnet18"), 512, "ResNet18_Weights.IMAGENET1K_V1"),
-    BackboneSpec("resnet50", _tv("resnet50"), 2048, "ResNet50_Weights.IMAGENET1K_V1"),
-    BackboneSpec("efficientnet_b0", _tv("efficientnet_b0"), 1280, "EfficientNet_B0_Weights.IMAGENET1K_V1"),
-    BackboneSpec("convnext_tiny", _tv("convnext_tiny"), 768, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"),
+    _tv_spec("mobilenet_v3_small", 576, "MobileNet_V3_Small_Weights.IMAGENET1K_V1"),
+    _tv_spec("mobilenet_v3_large", 960, "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+    _tv_spec("resnet18", 512, "ResNet18_Weights.IMAGENET1K_V1"),
+    _tv_spec("resnet50", 2048, "ResNet50_Weights.IMAGENET1K_V1"),
+    _tv_spec("efficientnet_b0", 1280, "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+    _tv_spec("convnext_tiny", 768, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"),
 ):
     register_backbone(_spec)

@@ -11,6 +11,7 @@ from torch import nn
 
 from catalog_tagger.config import TaskConfig
 from catalog_tagger.errors import ArtifactError
+from catalog_tagger.kinds import kind_of
 from catalog_tagger.model.backbones import IMAGENET_MEAN, IMAGENET_STD, get_backbone
 from catalog_tagger.model.weights import adapt_state, find_pretrained
 
@@ -22,7 +23,7 @@ class ModelOutput:
     """What one forward pass returns: the shared embedding and every head's logits."""
 
     embedding: torch.Tensor  # (B, D)
-    logits: dict[str, torch.Tensor]  # task name -> (B, n_labels)
+    logits: dict[str, torch.Tensor]  # task name -> (B, n_labels); (B, 1) for a regression task
 
 
 class MultiHeadModel(nn.Module):
@@ -47,7 +48,10 @@ class MultiHeadModel(nn.Module):
         self.embedding_dim = spec.embedding_dim
         self.backbone = spec.build()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.heads = nn.ModuleDict({t.name: nn.Linear(spec.embedding_dim, len(t.labels)) for t in tasks.tasks})
+        heads = {t.name: nn.Linear(spec.embedding_dim, kind_of(t).outputs(t)) for t in tasks.tasks}
+        for t in tasks.tasks:
+            kind_of(t).init_head(t, heads[t.name])
+        self.heads = nn.ModuleDict(heads)
         # Normalisation lives with the model so uint8 batches travel to the device and are normalised there.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)

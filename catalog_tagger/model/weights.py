@@ -107,30 +107,68 @@ def state_bytes(model: nn.Module) -> bytes:
 
 
 def adapt_state(state: Mapping[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
-    """Map torchvision classifier-model keys onto our trunk (``features.*`` and convnext's ``classifier.0``)."""
-    own = set(trunk.state_dict())
+    """Map a checkpoint's keys onto our trunk: torchvision classifier models (``features.*``, convnext's
+    ``classifier.0``), timm models (their keys under the trunk's ``weights_prefix``), and our own artifacts
+    (``backbone.*``). Keys the trunk lacks (a classifier) are dropped; a tensor of the wrong shape is refused."""
+    own = trunk.state_dict()
+    prefix = str(getattr(trunk, "weights_prefix", ""))
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
-        k2 = k.removeprefix("backbone.")
+        k2 = k.removeprefix("backbone.").removeprefix("module.")
         if k2.startswith("classifier.0.") and isinstance(trunk, Trunk):
             k2 = "post." + k2.removeprefix("classifier.0.")
-        if k2 in own:
-            out[k2] = v
+        if k2 not in own and prefix + k2 in own:
+            k2 = prefix + k2
+        if k2 not in own:
+            continue
+        if tuple(v.shape) != tuple(own[k2].shape):
+            raise ArtifactError(
+                f"backbone weights do not fit: tensor {k!r} is {list(v.shape)}, the backbone's {k2!r} is "
+                f"{list(own[k2].shape)} (weights of another model?)"
+            )
+        out[k2] = v
     return out
 
 
+def weights_file(weights: str) -> tuple[Any, str]:
+    """(filesystem, path) of the safetensors file ``weights`` names: the file itself, or in a folder its
+    ``model.safetensors`` (the Hugging Face layout), else its only ``*.safetensors``. Pickles are refused by name."""
+    refuse_pickle(weights)
+    fs, path = fsspec.core.url_to_fs(weights)
+    if not fs.exists(path):
+        raise ArtifactError(f"{weights}: weights file or folder not found")
+    if not fs.isdir(path):
+        return fs, path
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    found = [WEIGHTS_FILE] if WEIGHTS_FILE in names else [n for n in names if n.endswith(".safetensors")]
+    if len(found) == 1:
+        return fs, path.rstrip("/") + "/" + found[0]
+    if found:
+        raise ArtifactError(
+            f"{weights}: {len(found)} .safetensors files in this folder ({', '.join(found[:3])}): name one of them, "
+            f"or call the backbone's {WEIGHTS_FILE}"
+        )
+    pickles = [n for n in names if is_pickle_name(n)]
+    why = f"; pickle checkpoint(s) {pickles[:3]} are refused (loading one can run arbitrary code)" if pickles else ""
+    raise ArtifactError(f"{weights}: no .safetensors file in this folder{why}; see docs/weights.md")
+
+
+def read_weights(weights: str) -> dict[str, torch.Tensor]:
+    """Backbone weights from a local (or fsspec) safetensors file or folder; any failure is one ``ArtifactError``."""
+    fs, path = weights_file(weights)
+    try:
+        with fs.open(path, "rb") as fh:
+            return st_load(fh.read())
+    except Exception as err:  # noqa: BLE001 - any parse failure is the user's file
+        first = str(err).splitlines()[0] if str(err) else repr(err)
+        raise ArtifactError(f"{weights}: not a safetensors file ({first})") from None
+
+
 def find_pretrained(backbone: str, weights: str | None) -> dict[str, torch.Tensor] | None:
-    """Backbone weights from ``weights`` (a safetensors file), else the local torch hub cache, else None."""
+    """Backbone weights from ``weights`` (a safetensors file or folder), else the local torch hub cache (torchvision
+    backbones), else None. Nothing is ever downloaded."""
     if weights:
-        path = str(weights)
-        refuse_pickle(path)
-        try:
-            with fsspec.open(path, "rb") as fh:
-                return st_load(fh.read())
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: weights file not found") from None
-        except Exception as err:  # noqa: BLE001 - any parse failure is the user's file
-            raise ArtifactError(f"{path}: not a safetensors file ({err})") from None
+        return read_weights(str(weights))
     spec = get_backbone(backbone)
     if spec.torchvision_weights is None:
         return None

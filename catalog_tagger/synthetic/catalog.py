@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from catalog_tagger.config import TaskConfig
 from catalog_tagger.errors import UserError
 from catalog_tagger.synthetic.draw import Truth, render_image
-from catalog_tagger.synthetic.plan import SYNTH_TASKS
+from catalog_tagger.synthetic.plan import REGRESSION_TASK, SYNTH_TASKS, SYNTH_TASKS_WITH_REGRESSION
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ class SynthConfig:
     max_size: int = 1600  # largest image side, pixels
     storage_options: dict[str, Any] | None = None  # passed to fsspec
     workers: int = 2  # rendering processes (at most 2); 1 = serial. Output never depends on it.
+    regression: bool = False  # add the regression task (``brightness``) to labels.parquet and tasks.yaml
+
+    @property
+    def tasks(self) -> TaskConfig:
+        """The tasks this catalog's labels and tasks.yaml carry."""
+        return SYNTH_TASKS_WITH_REGRESSION if self.regression else SYNTH_TASKS
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,11 @@ class SynthResult:
     tasks_uri: str
 
 
-def _missing(index: int, seed: int, fraction: float) -> list[bool]:
-    """Per task: is the label withheld? From its own stream, so images never depend on ``missing_fraction``."""
+def _missing(index: int, seed: int, fraction: float, tasks: TaskConfig) -> list[bool]:
+    """Per task: is the label withheld? From its own stream, so images never depend on ``missing_fraction``; an
+    extra task draws after the others, so theirs stay the same with it or without."""
     rng = np.random.default_rng([seed, index, 1])
-    return [bool(u < fraction) for u in rng.random(len(SYNTH_TASKS.tasks))]
+    return [bool(u < fraction) for u in rng.random(len(tasks.tasks))]
 
 
 _LABEL_FIELDS = [
@@ -72,6 +80,7 @@ _LABEL_FIELDS = [
     pa.field("badges", pa.list_(pa.string())),
 ]
 LABELS_SCHEMA = pa.schema(_LABEL_FIELDS)
+LABELS_SCHEMA_WITH_REGRESSION = pa.schema([*_LABEL_FIELDS, pa.field(REGRESSION_TASK, pa.float64())])
 TRUTH_SCHEMA = pa.schema(
     [
         *_LABEL_FIELDS,
@@ -83,6 +92,7 @@ TRUTH_SCHEMA = pa.schema(
         pa.field("background", pa.string()),
         pa.field("item_box", pa.list_(pa.int32())),
         pa.field("mirrored", pa.bool_()),
+        pa.field(REGRESSION_TASK, pa.float64()),  # mean luma of the displayed image, 0..1 (always in the truth)
         pa.field("index", pa.int64()),
     ]
 )
@@ -141,7 +151,8 @@ def generate(cfg: SynthConfig) -> SynthResult:
 
     Layout under ``out``: ``images/img_NNNNNN.<jpg|png|webp>``, ``labels.parquet`` (training labels, some
     withheld), ``truth.parquet`` (every label, plus orientation, displayed width/height, format, grayscale)
-    and ``tasks.yaml`` (``SYNTH_TASKS``). A call with ``start > 0`` adds images to an existing catalog: its
+    and ``tasks.yaml`` (``SYNTH_TASKS``; with ``cfg.regression`` also the ``brightness`` regression task and its
+    label column). A call with ``start > 0`` adds images to an existing catalog: its
     images never collide with earlier ones, and its tables go to ``labels_<start>.parquet`` and
     ``truth_<start>.parquet`` so earlier tables are kept; ``tasks.yaml`` is rewritten identically.
     Grayscale images have no colour label (the colour is gone) but keep it in the truth table.
@@ -161,9 +172,9 @@ def generate(cfg: SynthConfig) -> SynthResult:
             files[path] = data
             uri = _uri(fs, path)
             uris.append(uri)
-            missing = _missing(index, cfg.seed, cfg.missing_fraction)
+            missing = _missing(index, cfg.seed, cfg.missing_fraction, cfg.tasks)
             row: dict[str, Any] = {"uri": uri}
-            for task, withheld in zip(SYNTH_TASKS.names, missing, strict=True):
+            for task, withheld in zip(cfg.tasks.names, missing, strict=True):
                 withheld = withheld or (task == "color" and truth["grayscale"])
                 row[task] = None if withheld else truth[task]
             labels.append(row)
@@ -175,9 +186,11 @@ def generate(cfg: SynthConfig) -> SynthResult:
         f"{root}/truth{suffix}.parquet",
         f"{root}/tasks.yaml",
     )
-    fs.pipe_file(labels_path, _parquet_bytes(labels, LABELS_SCHEMA))
+    fs.pipe_file(
+        labels_path, _parquet_bytes(labels, LABELS_SCHEMA_WITH_REGRESSION if cfg.regression else LABELS_SCHEMA)
+    )
     fs.pipe_file(truth_path, _parquet_bytes(truths, TRUTH_SCHEMA))
-    fs.pipe_file(tasks_path, SYNTH_TASKS.to_yaml().encode("utf-8"))
+    fs.pipe_file(tasks_path, cfg.tasks.to_yaml().encode("utf-8"))
     log.info(
         "synthetic: wrote %d images (index %d..%d, seed %d) to %s in %.1fs",
         cfg.images,

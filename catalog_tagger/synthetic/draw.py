@@ -290,13 +290,14 @@ def render_image(index: int, seed: int, *, min_size: int = 300, max_size: int = 
 
     A pure function of its arguments (``numpy.random.default_rng([seed, index])``), so any process renders
     the same bytes. ``truth`` holds garment, color, pattern, badges (always set), orientation (EXIF value),
-    width/height as displayed, format, grayscale, background and the item box (displayed pixels).
+    width/height as displayed, format, grayscale, background, the item box (displayed pixels) and the brightness.
     """
     rng = np.random.default_rng([seed, index])
     plan = plan_image(rng, min_size, max_size)
     img = picture(plan, rng)
     if plan.grayscale:
         img = img.convert("L")
+    brightness = round(float(np.asarray(img.convert("L"), dtype=np.float32).mean()) / 255.0, 4)
     if plan.orientation != 1:
         img = img.transpose(_STORE_TRANSPOSE[plan.orientation])
     data = _encode(img, plan)
@@ -313,5 +314,6 @@ def render_image(index: int, seed: int, *, min_size: int = 300, max_size: int = 
         "background": plan.background,
         "item_box": list(plan.box),
         "mirrored": plan.mirror,
+        "brightness": brightness,  # mean luma (ITU-R 601, as Pillow's "L") of the displayed image, 0..1
     }
     return data, plan.ext, truth

@@ -1,4 +1,5 @@
-"""A run's profile: per task, the label counts, rows, mean confidence and low-confidence share of its committed rows.
+"""A run's profile: per task, the label counts, rows, mean confidence and low-confidence share of its committed rows
+(a regression task: mean, std, min, max, and counts per bin of its range as its "labels").
 
 Read out of core with DuckDB (``diff.duckdb_session``, under a memory limit): local data files by path, files on an
 object store streamed through pyarrow + fsspec, only the status and the task's columns. The profile goes into the
@@ -7,6 +8,7 @@ run manifest (``profile``) and is what ``drift.detect`` compares between runs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -49,6 +51,9 @@ KIND_SQL = {
         confidence='list_max("{c}_scores")',
     ),
 }
+
+
+HISTOGRAM_BINS = 10  # a regression task's range cut into this many equal bins (plus one below, one above)
 
 
 def empty_task(kind: str) -> dict[str, Any]:
@@ -127,6 +132,8 @@ class _Source:
 
 def _profile_task(con: duckdb.DuckDBPyConnection, source: _Source, task: TaskSpec, low: float) -> dict[str, Any]:
     """One task's profile: two aggregates (per row, per label) over the ok rows that carry its prediction."""
+    if kind_of(task).numeric:  # a number per row (regression): no labels, no confidence
+        return _profile_values(con, source, task)
     sql = KIND_SQL.get(task.kind)
     if sql is None:
         raise NotImplementedError(f"profile: no profile for task kind {task.kind!r} (add it to KIND_SQL)")
@@ -153,4 +160,52 @@ def _profile_task(con: duckdb.DuckDBPyConnection, source: _Source, task: TaskSpe
         "labels": {str(label): int(n) for label, n in counts},
         "mean_confidence": None if mean is None else float(mean),
         "low_confidence_share": float(lows) / scored if scored else None,
+    }
+
+
+def bin_labels(lo: float, hi: float, bins: int = HISTOGRAM_BINS) -> list[str]:
+    """Names of the histogram bins of [lo, hi]: ``< lo``, ``[a, b)`` per bin, ``>= hi`` (in value order)."""
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    return [f"< {lo:.4g}", *(f"[{a:.4g}, {b:.4g})" for a, b in itertools.pairwise(edges)), f">= {hi:.4g}"]
+
+
+def bin_sql(column: str, lo: float, hi: float, bins: int = HISTOGRAM_BINS) -> str:
+    """SQL: the index of a value's bin in ``bin_labels`` (0: under ``lo``; ``bins + 1``: at or over ``hi``)."""
+    w = (hi - lo) / bins
+    return (
+        f"CASE WHEN {column} < {lo!r} THEN 0 WHEN {column} >= {hi!r} THEN {bins + 1} "
+        f"ELSE least(CAST(floor(({column} - {lo!r}) / {w!r}) AS INTEGER), {bins - 1}) + 1 END"
+    )
+
+
+def _profile_values(con: duckdb.DuckDBPyConnection, source: _Source, task: TaskSpec) -> dict[str, Any]:
+    """A regression task's profile: rows, mean, std, min and max of its values; with a ``range``, the counts per
+    bin of it as ``labels`` (so ``drift.psi`` compares runs as it does label shares). No confidence: None."""
+    c = f'"{task.name}"'  # a valid column name (config.py)
+    where = f"status = '{STATUS_OK}' AND {c} IS NOT NULL AND isfinite({c})"
+
+    def stats() -> list[tuple[Any, ...]]:
+        q = f"SELECT count(*), avg({c}), stddev_pop({c}), min({c}), max({c}) FROM {{src}} WHERE {where}"
+        return source.query(con, [task.name], q)
+
+    def bins(lo: float, hi: float) -> list[tuple[Any, ...]]:
+        b = bin_sql(c, lo, hi)
+        return source.query(con, [task.name], f"SELECT {b} AS b, count(*) FROM {{src}} WHERE {where} GROUP BY b")
+
+    [(rows, mean, std, lo, hi)] = retry_transient(stats, f"profile {task.name}")
+    if not rows:
+        return empty_task(task.kind)
+    labels: dict[str, int] = {}
+    if task.range is not None:
+        names = bin_labels(*task.range)
+        found = retry_transient(partial(bins, *task.range), f"profile {task.name} bins")
+        labels = {names[int(b)]: int(n) for b, n in sorted(found)}
+    return {
+        **empty_task(task.kind),
+        "rows": int(rows),
+        "labels": labels,
+        "mean": float(mean),
+        "std": None if std is None else float(std),
+        "min": float(lo),
+        "max": float(hi),
     }

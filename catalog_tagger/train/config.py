@@ -37,7 +37,11 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(default=0.15, ge=0, lt=1)  # share of images held out to tune and stop on
     test_fraction: float = Field(default=0.15, ge=0, lt=1)  # share held out for the card's test metrics
     seed: int = 0  # split, init, shuffling and augmentation
-    weights: str | None = None  # safetensors file with pretrained backbone weights (else hub cache / random)
+    weights: str | None = None  # pretrained backbone weights: a safetensors file or a folder holding one
+    # (else the torch hub cache for torchvision backbones, else random init)
+    freeze_backbone_epochs: int = Field(default=0, ge=0)  # transfer learning: train only the heads for N epochs
+    backbone_lr_factor: float = Field(default=1.0, gt=0, le=1)  # the backbone trains at lr x this (param group)
+    loss_balance: Literal["fixed", "uncertainty"] = "fixed"  # task weights of tasks.yaml, or learned (Kendall 2018)
     dropout: float = Field(default=0.0, ge=0, lt=1)  # dropout on the embedding before every head
     # Random resized crop area range; (1, 1) turns it off. Not lower by default: a tighter crop can cut a corner
     # sticker or a caption band out of the image and leave its badge label wrong.
@@ -54,6 +58,9 @@ class TrainConfig(BaseModel):
     decode_threads: int | None = Field(default=None, ge=1)  # threads reading + decoding; default 2 x cores
     max_images: int | None = Field(default=None, ge=1)  # use only the first N rows of the table (demo, smoke)
     timing_repeats: int = Field(default=7, ge=1)  # --single-task: timed forward passes per model (median)
+    # promotion gate: the `current` model folder (what the nightly deployment's `model` reads); None: no gate
+    promote_to: str | None = None
+    promotion_tolerance: float = Field(default=0.01, ge=0)  # a task's headline metric may be this much worse
     storage_options: dict[str, Any] | None = None  # fsspec options for the table, images and output
     progress: bool = True  # rich progress bars when stderr is a terminal
 
@@ -69,6 +76,8 @@ class TrainConfig(BaseModel):
             )
         if self.weights and self.weights.endswith(PICKLE_SUFFIXES):
             raise ValueError(f"weights: {self.weights} looks like a pickle checkpoint; give a .safetensors file")
+        if self.promote_to is not None and self.promote_to.rstrip("/") == self.out.rstrip("/"):
+            raise ValueError(f"promote_to: {self.promote_to} is the new model's own out folder; give the current one")
         return self
 
     @property

@@ -47,7 +47,9 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     split: Split = config["split"]
     device = ray.train.torch.get_device()
     model = new_model(cfg, tasks, device)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    net = ray.train.torch.prepare_model(model, move_to_device=False)
+    # A frozen backbone has no gradients in its first epochs: DDP must look for unused parameters then.
+    ddp = {"find_unused_parameters": True} if cfg.freeze_backbone_epochs > 0 else None
+    net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp)
 
     def report(row: dict[str, Any]) -> None:
         # A barrier across workers: every rank reports once per epoch; Ray keeps rank 0's metrics.

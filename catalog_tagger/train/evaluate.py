@@ -71,8 +71,8 @@ def evaluate(
         loss=float(sum(t.weight * task_loss[t.name] for t in tasks)),
         task_loss=task_loss,
         scores={
-            k: np.concatenate(v) if v else np.zeros((0, len(model.tasks.task(k).labels)), np.float32)
-            for k, v in scores.items()
+            t.name: np.concatenate(got) if (got := scores[t.name]) else np.zeros((0, kind_of(t).outputs(t)), np.float32)
+            for t in tasks
         },
         targets={t.name: data.targets[t.name][idx] for t in tasks},
     )

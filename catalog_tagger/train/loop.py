@@ -10,9 +10,9 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,16 @@ from catalog_tagger.model.multihead import MultiHeadModel, build_model
 from catalog_tagger.train.config import TrainConfig
 from catalog_tagger.train.data import Augment, TrainData, model_inputs
 from catalog_tagger.train.evaluate import EVAL_BATCH, evaluate, headline_row
-from catalog_tagger.train.losses import TaskLosses, combine_losses, task_losses
+from catalog_tagger.train.losses import TaskLosses, make_balance, task_losses
 from catalog_tagger.train.progress import ProgressBar
+from catalog_tagger.train.schedule import (
+    backbone_mode,
+    frozen_in,
+    group_lr,
+    make_optimizer,
+    make_scheduler,
+    set_backbone_frozen,
+)
 from catalog_tagger.train.split import Split
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,16 @@ class Dist:
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world
 
+    def average_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average the gradients of parameters that live outside the DDP wrapper (the learned loss balance) over
+        all ranks, as DDP does for the model's: every rank then takes the same step and keeps the same values."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
 
 @dataclass
 class FitResult:
@@ -65,6 +83,8 @@ class FitResult:
     best_epoch: int
     epochs_run: int
     stopped_early: bool
+    # the loss balance at the best epoch: {"mode", "weights": task -> multiplier, "log_vars": task -> s_t or None}
+    loss_balance: dict[str, Any] = field(default_factory=dict)
 
 
 def new_model(cfg: TrainConfig, tasks: TaskConfig, device: torch.device) -> MultiHeadModel:
@@ -72,20 +92,6 @@ def new_model(cfg: TrainConfig, tasks: TaskConfig, device: torch.device) -> Mult
     torch.manual_seed(cfg.seed)
     model = build_model(backbone=cfg.backbone, tasks=tasks, weights=cfg.weights, dropout=cfg.dropout)
     return to_device(model, device)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine annealing over ``cfg.epochs`` down to 1% of the LR (default), or ReduceLROnPlateau on val loss."""
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt,
-            mode="min",
-            factor=cfg.plateau_factor,
-            patience=cfg.plateau_patience,
-            threshold=cfg.min_delta,
-            threshold_mode="abs",
-        )
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
 
 
 class _Fit:
@@ -102,23 +108,33 @@ class _Fit:
     ) -> None:
         self.model, self.net, self.cfg, self.device, self.dist, self.label = model, net, cfg, device, dist, label
         self.tasks = model.tasks.tasks
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # The learned balance is not part of the model: it never reaches the artifact (its values go to the report).
+        self.balance = make_balance(cfg.loss_balance, self.tasks).to(device)
+        self.opt = make_optimizer(model, self.balance, cfg)
         self.sched = make_scheduler(self.opt, cfg)
+        self.frozen = False
+        self.schedule_columns = cfg.freeze_backbone_epochs > 0 or cfg.backbone_lr_factor != 1.0
         self.aug = Augment.of(cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + dist.rank)
         self.per_rank_batch = max(2, cfg.batch_size // dist.world)
         self.best_loss, self.best_epoch, self.bad = math.inf, 0, 0
         self.best_state = copy.deepcopy(model.state_dict())
+        self.best_balance = self.balance_facts()
 
     def epoch(self, epoch: int, data: TrainData, split: Split, bar: ProgressBar) -> dict[str, Any]:
         """Train one epoch, validate, schedule, keep the best state; the epoch's metrics.csv row (also logged)."""
         t0 = time.perf_counter()
         cfg, has_val = self.cfg, split.val.size > 0
+        self.phase(epoch)
         batches = self.batches(split.train, epoch)
         bar.reset(f"{self.label} epoch {epoch}/{cfg.epochs}", len(batches))
         train_loss = self.dist.mean(self.train_epoch(data, batches, bar, epoch))
         self.check_finite("training", train_loss, epoch)  # every rank holds the same mean: all stop together
-        row: dict[str, Any] = {"epoch": epoch, "lr": float(f"{self.opt.param_groups[0]['lr']:.4g}")}
+        row: dict[str, Any] = {"epoch": epoch, "lr": float(f"{group_lr(self.opt, 'heads'):.4g}")}
+        if self.schedule_columns:
+            row["backbone_lr"] = 0.0 if self.frozen else float(f"{group_lr(self.opt, 'backbone'):.4g}")
+        if self.cfg.loss_balance != "fixed":
+            row.update({f"loss_weight_{k}": float(f"{v:.4g}") for k, v in self.balance.weights().items()})
         val_loss = train_loss
         columns: dict[str, Any] = {}
         if has_val and self.dist.rank == 0:
@@ -139,6 +155,28 @@ class _Fit:
         )  # fmt: skip
         return row
 
+    def phase(self, epoch: int) -> None:
+        """The transfer-learning schedule: freeze the backbone for the first epochs, then unfreeze it (its LR is the
+        backbone group's, ``lr x backbone_lr_factor``). The unfrozen phase starts with a full early-stopping
+        patience: epochs of heads-only training that stopped improving say nothing about fine-tuning."""
+        frozen = frozen_in(self.cfg, epoch)
+        if frozen == self.frozen:
+            return
+        set_backbone_frozen(self.model, frozen)
+        self.frozen = frozen
+        if frozen:
+            log.info("%s: backbone frozen for epochs 1-%d (heads only)", self.label, self.cfg.freeze_backbone_epochs)
+            return
+        self.bad = 0
+        log.info(
+            "%s: backbone unfrozen at epoch %d (lr %.2g, %g x the heads')", self.label, epoch,
+            group_lr(self.opt, "backbone"), self.cfg.backbone_lr_factor,
+        )  # fmt: skip
+
+    def balance_facts(self) -> dict[str, Any]:
+        """The loss balance now: its mode, each task's multiplier and (uncertainty) log-variance."""
+        return {"mode": self.cfg.loss_balance, "weights": self.balance.weights(), "log_vars": self.balance.log_vars()}
+
     def batches(self, train: np.ndarray, epoch: int) -> list[np.ndarray]:
         """This rank's batches of the epoch: every rank draws the same permutation and takes its own stride."""
         world, rank = self.dist.world, self.dist.rank
@@ -153,18 +191,20 @@ class _Fit:
     def train_epoch(self, data: TrainData, batches: list[np.ndarray], bar: ProgressBar, epoch: int) -> float:
         """One pass of optimiser steps; the mean training loss over this rank's images."""
         self.model.train()
+        backbone_mode(self.model, self.frozen)
         loss_sum, loss_n = 0.0, 0
         for step, idx in enumerate(batches, 1):
             x, y = data.batch(idx, self.device)
             with autocast(self.device, bf16_only=True) if self.cfg.amp else nullcontext():
                 out = self.net(model_inputs(self.model, x, self.aug, self.gen))
             parts = task_losses(out.logits, y, self.tasks)
-            loss = combine_losses(parts, self.tasks)
+            loss: torch.Tensor = self.balance(parts)
             value = float(loss.detach())  # syncs once per step, as the running mean below always did
             if self.dist.world == 1:  # one process: stop before this step spoils the weights (DDP: per epoch)
                 self.check_finite("training", value, epoch, step, parts)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            self.dist.average_grads(self.balance.parameters())
             self.opt.step()
             loss_sum += value * idx.size
             loss_n += idx.size
@@ -188,6 +228,7 @@ class _Fit:
         if val_loss < self.best_loss - self.cfg.min_delta:
             self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
             self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_balance = self.balance_facts()
             return True
         self.bad += 1
         return False
@@ -250,11 +291,18 @@ def fit(
             history.append(run.epoch(epoch, data, split, bar))
             if on_epoch is not None:
                 on_epoch(history[-1])
-            if run.bad >= cfg.patience:
+            if run.bad >= cfg.patience and not run.frozen:
                 stopped = True
                 log.info("%s: early stop after epoch %d (best epoch %d)", label, epoch, run.best_epoch)
                 break
     finally:
         bar.close()
+        set_backbone_frozen(model, False)  # the model leaves ``fit`` whole, whatever epoch it ended in
     model.load_state_dict(run.best_state)
-    return FitResult(history=history, best_epoch=run.best_epoch, epochs_run=epoch, stopped_early=stopped)
+    return FitResult(
+        history=history,
+        best_epoch=run.best_epoch,
+        epochs_run=epoch,
+        stopped_early=stopped,
+        loss_balance=run.best_balance,
+    )

@@ -20,12 +20,12 @@ import torch
 from catalog_tagger.config import TaskConfig, load_tasks
 from catalog_tagger.errors import UserError
 from catalog_tagger.model.artifact import ModelCard, save_artifact
-from catalog_tagger.model.backbones import get_backbone
+from catalog_tagger.model.backbones import backbone_provider, get_backbone
 from catalog_tagger.model.inference import select_device, to_device
 from catalog_tagger.model.multihead import MultiHeadModel
 from catalog_tagger.model.weights import CARD_FILE
 from catalog_tagger.storage import filesystem, join, strip
-from catalog_tagger.train.compare import compare_single_task
+from catalog_tagger.train.compare import JointBudget, compare_single_task
 from catalog_tagger.train.config import TrainConfig
 from catalog_tagger.train.data import TrainData, colour_tasks, decode_all
 from catalog_tagger.train.evaluate import tested_card
@@ -42,6 +42,7 @@ from catalog_tagger.train.outputs import (
     write_json,
 )
 from catalog_tagger.train.progress import ProgressBar
+from catalog_tagger.train.promote import check_current, promotion_gate
 from catalog_tagger.train.split import Split, make_split, split_digest
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class TrainResult:
     skipped: list[dict[str, str]]  # {"uri", "error"} of images that could not be read or decoded
     seconds: float
     comparison: dict[str, Any] | None = None  # --single-task: comparison.json
+    promotion: dict[str, Any] | None = None  # --promote-to: the gate's decision (promote.Gate.to_dict)
 
 
 @dataclass
@@ -87,6 +89,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     size = cfg.image_size or spec.default_image_size
     if size < spec.min_image_size:
         raise UserError(f"image size {size} is below {cfg.backbone}'s minimum of {spec.min_image_size} px")
+    if size > spec.max_image_size:
+        raise UserError(f"image size {size} is above {cfg.backbone}'s maximum of {spec.max_image_size} px")
     return cfg if cfg.image_size == size else cfg.model_copy(update={"image_size": size})
 
 
@@ -112,6 +116,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, TaskConfig, LabelTable, torc
     """Resolve and validate ``cfg``, choose the device and torch's threads: all before any image is read."""
     cfg = resolve(cfg)
     tasks, table = validate(cfg)
+    check_current(cfg)  # a current model the promotion gate could not read: refused before training
     device = select_device(cfg.device)
     if filesystem(cfg.out, cfg.storage_options).exists(strip(join(cfg.out, CARD_FILE))):
         log.warning("%s already holds a model artifact: it will be overwritten", cfg.out)
@@ -198,6 +203,12 @@ def training_facts(
         "stopped_early": res.stopped_early,
         "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         "scheduler": cfg.scheduler,
+        "backbone": {"name": cfg.backbone, "weights": cfg.weights, **backbone_provider(cfg.backbone)},
+        "transfer": {
+            "freeze_backbone_epochs": cfg.freeze_backbone_epochs,
+            "backbone_lr_factor": cfg.backbone_lr_factor,
+        },
+        "loss_balance": cfg.loss_balance,  # the learned weights are in training_report.json, not in the artifact
         "batch_size": cfg.batch_size,
         "augment": {"crop_scale": list(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter},
         "workers": cfg.workers,
@@ -228,8 +239,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     comparison = None
     if cfg.single_task:
-        comparison = compare_single_task(cfg, tasks, model, metrics, decoded.data, split, device)
+        joint = JointBudget(epochs=res.epochs_run, seconds=timings["fit"])
+        comparison = compare_single_task(cfg, tasks, model, metrics, decoded.data, split, device, joint)
         write_json(cfg.out, COMPARISON_FILE, comparison, cfg.storage_options)
+    promotion = promotion_gate(cfg, card, decoded.data, split.test, device)  # after the artifact and its files
     seconds = time.perf_counter() - t_start
     report = {
         "labels": cfg.labels,
@@ -239,8 +252,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         "split": split.counts(),
         "epochs_run": res.epochs_run,
         "best_epoch": res.best_epoch,
+        "loss_balance": res.loss_balance,  # mode, and each task's loss multiplier at the best epoch
         "test_metrics": metrics,
         "model_version": card.version,
+        "promotion": promotion,
         "seconds": {**timings, "total": round(seconds, 2)},
         "config": cfg.model_dump(mode="json", exclude={"storage_options"}),
     }
@@ -257,4 +272,5 @@ def train(cfg: TrainConfig) -> TrainResult:
         skipped=decoded.skipped,
         seconds=seconds,
         comparison=comparison,
+        promotion=promotion,
     )
