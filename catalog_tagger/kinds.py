@@ -7,10 +7,9 @@ that need it: the config and the CLI's validation stay light.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,98 +20,10 @@ if TYPE_CHECKING:
 
     from catalog_tagger.config import TaskSpec
 
-Columns = dict[str, Any]  # output column name -> per-row values (list or array)
-IsMissing = Callable[[Any], bool]
+from catalog_tagger.kind_base import Columns, IsMissing, Kind, format_metric, no_regression_fields
+from catalog_tagger.kind_regression import Regression, denormalise, normalise
 
-
-class Kind:
-    """One kind of head. Subclasses are stateless; ``KINDS`` maps the ``kind`` string to the instance."""
-
-    name: ClassVar[str]
-    headline: ClassVar[tuple[str, ...]]  # metric keys logged per epoch; the first one compares models
-    higher_is_better: ClassVar[bool] = True  # of the first headline metric (False for an error such as MAE)
-    score_column: ClassVar[str]  # suffix of the score column: "_score" or "_scores"; "" when the kind has none
-    stratifies: ClassVar[bool] = False  # one discrete label per image: the training split can be stratified on it
-    numeric: ClassVar[bool] = False  # the output is a number, not labels: shown as a histogram, never counted by label
-
-    def check(self, task: TaskSpec) -> None:
-        """Raise ValueError ("<field>: <reason>") when a task of this kind is not well formed."""
-        raise NotImplementedError
-
-    def outputs(self, task: TaskSpec) -> int:
-        """Width of the task's head: one logit per label."""
-        return len(task.labels)
-
-    def init_head(self, task: TaskSpec, head: torch.nn.Linear) -> None:
-        """Adjust a new head's initialisation (random init as it is, unless the kind knows better)."""
-
-    def better(self, a: float | None, b: float | None) -> bool:
-        """Whether headline value ``a`` beats ``b`` (by this kind's direction); a missing value never beats."""
-        if a is None:
-            return False
-        if b is None:
-            return True
-        return a > b if self.higher_is_better else a < b
-
-    def fields(self, task: TaskSpec) -> list[pa.Field]:
-        """The output columns of one task, in schema order."""
-        raise NotImplementedError
-
-    def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits -> probabilities (softmax or sigmoid)."""
-        raise NotImplementedError
-
-    def columns(self, task: TaskSpec, probs: np.ndarray, thresholds: Sequence[float]) -> Columns:
-        """Probabilities (B, L) -> this task's output columns for B rows."""
-        raise NotImplementedError
-
-    def prediction(self, task: TaskSpec, cols: Columns, row: int) -> dict[str, Any]:
-        """One row of ``columns`` as a JSON-able prediction (``predict --json``)."""
-        raise NotImplementedError
-
-    def targets(self, task: TaskSpec, values: Sequence[Any], missing: IsMissing, unknown: Counter[Any]) -> np.ndarray:
-        """Label-table values -> training targets (-1 marks a missing label); unknown labels are counted."""
-        raise NotImplementedError
-
-    def loss(self, task: TaskSpec, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-image loss, mask of labelled images) for one batch."""
-        raise NotImplementedError
-
-    def metrics(
-        self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None
-    ) -> dict[str, Any]:
-        """Test/val metrics over labelled rows."""
-        raise NotImplementedError
-
-    def tune(self, y: np.ndarray, scores: np.ndarray) -> list[float] | None:
-        """Per-label thresholds tuned on validation rows, or None when the kind has none."""
-        raise NotImplementedError
-
-    def describe(self, m: dict[str, Any]) -> str:
-        """A short human summary of ``metrics``' result for logs."""
-        return ", ".join(f"{k} {format_metric(m.get(k))}" for k in self.headline) + f" (n={m.get('n', 0)})"
-
-    def empty_rows(self, y: np.ndarray) -> int | None:  # noqa: ARG002 - a kind without "no labels" rows
-        """Labelled rows that carry none of the labels (a multilabel "no labels" row); None for a kind without."""
-        return None
-
-    @staticmethod
-    def labelled(y: np.ndarray) -> np.ndarray:
-        """Rows that carry a label (targets use -1 for missing)."""
-        return y >= 0 if y.ndim == 1 else y[:, 0] >= 0
-
-
-def _no_regression_fields(task: TaskSpec) -> None:
-    """A classification task refuses the fields only a regression task has."""
-    if task.range is not None:
-        raise ValueError(f"range: only regression tasks have a range (this task is {task.kind})")
-    if task.loss is not None:
-        raise ValueError(f"loss: only regression tasks choose a loss (this task is {task.kind})")
-
-
-def format_metric(v: float | None) -> str:
-    """A metric for people: three decimals, or "-" when there was nothing to measure."""
-    return "-" if v is None else f"{v:.3f}"
+__all__ = ["KINDS", "Columns", "IsMissing", "Kind", "denormalise", "format_metric", "kind_of", "normalise"]
 
 
 class Multiclass(Kind):
@@ -129,7 +40,7 @@ class Multiclass(Kind):
             raise ValueError("labels: a multiclass task needs at least 2 labels")
         if task.threshold is not None:
             raise ValueError("threshold: only multilabel tasks have a threshold")
-        _no_regression_fields(task)
+        no_regression_fields(task)
 
     @override
     def fields(self, task: TaskSpec) -> list[pa.Field]:
@@ -205,7 +116,7 @@ class Multilabel(Kind):
         t = task.effective_threshold
         if not 0.0 < t < 1.0:
             raise ValueError(f"threshold: {t} is outside (0, 1)")
-        _no_regression_fields(task)
+        no_regression_fields(task)
 
     @override
     def fields(self, task: TaskSpec) -> list[pa.Field]:
@@ -292,135 +203,6 @@ def _multilabel_values(v: Any, missing: IsMissing) -> list[str] | None:
     if s == "[]":
         return []
     return [p.strip() for p in s.split("|") if p.strip()]
-
-
-class Regression(Kind):
-    """One number per image: a linear output trained on the target mapped to [0, 1] by ``range`` (when given), and
-    mapped back for the output column. Huber (default) or MSE loss; MAE, RMSE and R² in the target's units."""
-
-    name = "regression"
-    headline = ("mae", "rmse", "r2")
-    higher_is_better = False  # MAE: an error
-    score_column = ""  # the value is the prediction: no score column
-    numeric = True
-
-    @override
-    def check(self, task: TaskSpec) -> None:
-        if task.labels:
-            raise ValueError("labels: a regression task predicts a number and has no labels; remove them")
-        if task.threshold is not None:
-            raise ValueError("threshold: only multilabel tasks have a threshold")
-        if task.range is not None:
-            lo, hi = task.range
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"range: [{lo}, {hi}] must be two finite numbers")
-            if not lo < hi:
-                raise ValueError(f"range: [{lo}, {hi}] must be [lo, hi] with lo < hi")
-
-    @override
-    def outputs(self, task: TaskSpec) -> int:
-        return 1
-
-    @override
-    def init_head(self, task: TaskSpec, head: torch.nn.Linear) -> None:
-        import torch
-
-        # With a range, targets train in [0, 1]: starting at its middle, not at 0, spares the first epochs (on the
-        # synthetic catalog the test MAE after 20 epochs fell from 0.49x to 0.30x the mean predictor's).
-        with torch.no_grad():
-            head.bias.fill_(0.5 if task.range is not None else 0.0)
-
-    @override
-    def fields(self, task: TaskSpec) -> list[pa.Field]:
-        return [pa.field(task.name, pa.float32())]  # the predicted value, in the target's units
-
-    @override
-    def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float()  # identity: the head's output is the (normalised) value
-
-    @override
-    def columns(self, task: TaskSpec, probs: np.ndarray, thresholds: Sequence[float]) -> Columns:
-        return {task.name: denormalise(task, probs[:, 0].astype(np.float64)).astype(np.float32)}
-
-    @override
-    def prediction(self, task: TaskSpec, cols: Columns, row: int) -> dict[str, Any]:
-        return {"value": float(cols[task.name][row])}
-
-    @override
-    def targets(self, task: TaskSpec, values: Sequence[Any], missing: IsMissing, unknown: Counter[Any]) -> np.ndarray:
-        y = np.full(len(values), np.nan, dtype=np.float32)
-        for i, v in enumerate(values):
-            if missing(v):
-                continue
-            number = _number(v)
-            if number is None:
-                shown = f"<a list: {list(v)}>" if isinstance(v, (list, tuple, np.ndarray)) else str(v).strip()
-                unknown[(task.name, shown)] += 1
-            else:
-                y[i] = number
-        return y
-
-    @staticmethod
-    @override
-    def labelled(y: np.ndarray) -> np.ndarray:
-        ok: np.ndarray = np.isfinite(y)  # NaN marks a missing target (any finite number is a label)
-        return ok
-
-    @override
-    def loss(self, task: TaskSpec, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-        import torch.nn.functional as F
-
-        ok = torch.isfinite(y)
-        # A missing target becomes 0 before the loss: NaN x 0 would still be NaN, and poison the whole sum.
-        target = torch.where(ok, normalise(task, y.float()), torch.zeros_like(y, dtype=torch.float32))
-        pred = logits.float()[:, 0]
-        if (task.loss or "huber") == "mse":
-            return F.mse_loss(pred, target, reduction="none"), ok.float()
-        return F.huber_loss(pred, target, reduction="none", delta=1.0), ok.float()
-
-    @override
-    def metrics(
-        self, task: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds: Sequence[float] | None
-    ) -> dict[str, Any]:
-        from catalog_tagger.metrics import regression_metrics
-
-        m = self.labelled(y)
-        return regression_metrics(y[m], denormalise(task, scores[m, 0].astype(np.float64)))
-
-    @override
-    def tune(self, y: np.ndarray, scores: np.ndarray) -> list[float] | None:
-        return None  # a number has no threshold
-
-
-def _number(v: Any) -> float | None:
-    """A label-table cell as a finite number, or None when it is not one (text, a list, inf)."""
-    if isinstance(v, (list, tuple, np.ndarray, bool)):
-        return None
-    try:
-        x = float(str(v).strip()) if isinstance(v, str) else float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-_T = TypeVar("_T", np.ndarray, "torch.Tensor")
-
-
-def normalise(task: TaskSpec, values: _T) -> _T:
-    """Target units -> the head's scale: ``range`` [lo, hi] -> [0, 1]; unchanged without a range."""
-    if task.range is None:
-        return values
-    lo, hi = task.range
-    return (values - lo) / (hi - lo)
-
-
-def denormalise(task: TaskSpec, values: _T) -> _T:
-    """The head's scale -> target units (the inverse of ``normalise``)."""
-    if task.range is None:
-        return values
-    lo, hi = task.range
-    return values * (hi - lo) + lo
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (Multiclass(), Multilabel(), Regression())}

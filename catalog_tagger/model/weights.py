@@ -113,7 +113,7 @@ def adapt_state(state: Mapping[str, torch.Tensor], trunk: nn.Module) -> dict[str
     own = trunk.state_dict()
     prefix = str(getattr(trunk, "weights_prefix", ""))
     out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
+    for k, v in sorted(state.items()):  # sorted: the same tensor is named first every time
         k2 = k.removeprefix("backbone.").removeprefix("module.")
         if k2.startswith("classifier.0.") and isinstance(trunk, Trunk):
             k2 = "post." + k2.removeprefix("classifier.0.")
