@@ -50,14 +50,6 @@ def test_drift_emits_its_event_without_failing(monkeypatch: pytest.MonkeyPatch) 
     assert "secret" not in str(call)
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.usefixtures("harness")

@@ -129,15 +129,6 @@ def test_summary_markdown_without_a_commit() -> None:
 
 # --------------------------------------------------------------------------------------------- flows on Prefect
 @pytest.fixture(scope="module")
-def harness():
-    """One temporary Prefect server (SQLite) for the module: starting it costs seconds."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def catalog(catalog_kit) -> dict[str, str]:
     kit = catalog_kit(name="flows")
     return kit

@@ -18,14 +18,6 @@ from flows.nightly import nightly_tagging
 N, NEW = 8, 4
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.usefixtures("harness")

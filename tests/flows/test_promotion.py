@@ -53,14 +53,6 @@ def test_promotion_markdown_lists_every_task() -> None:
     assert "| color | accuracy | 0.900 | 0.500 | -0.400 | worse |" in md and "tolerance 0.01" in md
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _train(kit: dict[str, Any], out: Path, current: Path, **kw: Any) -> Any:
     return train_model(
         tasks=kit["tasks"], labels=kit["labels"], out=str(out), backbone="tiny_cnn", image_size=32, batch_size=16,
