@@ -107,6 +107,21 @@ def count(cat: Catalog, sql: str) -> int:
     return int(run_sql(cat.con, f"SELECT count(*) AS n FROM ({sql})").column("n")[0].as_py())
 
 
+EXACT_MAX_ROWS = (
+    100_000  # an exact search loads the matrix (rows x dim x 4 bytes: 230 MB at 576 dims); above: the index
+)
+
+
+def too_many_for_exact(cat: Catalog, version: str, rows: int) -> UserError:
+    """The one refusal of an exact search over more than ``EXACT_MAX_ROWS`` rows of ``version``: build the index."""
+    from catalog_tagger.storage import redact
+
+    return UserError(
+        f"the {rows:,} rows of model {version} are too many for an exact search (over {EXACT_MAX_ROWS:,}): "
+        f"run `catalog-tagger index --output {redact(cat.output)}` first"
+    )
+
+
 def live_count(cat: Catalog, version: str) -> int:
     """Rows of ``latest`` tagged by ``version``."""
     found = run_sql(cat.con, "SELECT count(*) AS n FROM latest WHERE model_version = ?", [version])

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from catalog_tagger.ann_search import open_index
 from catalog_tagger.embeddings import (
+    EXACT_MAX_ROWS,
     TaskColumn,
     batches,
     labels_of,
@@ -26,14 +27,13 @@ from catalog_tagger.embeddings import (
     normalise,
     source_sql,
     task_columns,
+    too_many_for_exact,
 )
 from catalog_tagger.errors import UserError
 from catalog_tagger.query import Catalog, open_catalog
-from catalog_tagger.storage import redact
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX_ROWS = 100_000  # up to this many rows: exact blocked products (the matrix: rows x dim x 4 bytes)
 BLOCK_ROWS = 4096  # rows per side of one block product (4096^2 x 4 bytes = 64 MiB), and query rows per index batch
 DEFAULT_THRESHOLD = 0.98
 REPORT_SAMPLE = 5  # pairs shown on the HTML report
@@ -103,10 +103,7 @@ def _index_pairs(cat: Catalog, version: str, threshold: float, k: int, batch_row
     # its own catalog (connection): the rows stream from ``cat``'s while the index checks its hits against latest
     index = open_index(cat.output, cat.storage_options, version)
     if index is None:
-        raise UserError(
-            f"the rows of model {version} are too many for an exact search (over {EXACT_MAX_ROWS:,}): "
-            f"run `catalog-tagger index --output {redact(cat.output)}` first"
-        )
+        raise too_many_for_exact(cat, version, live_count(cat, version))
     seen: set[tuple[str, str]] = set()
     try:
         for batch in batches(cat, source_sql(cat, version), batch_rows):

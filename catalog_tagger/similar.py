@@ -11,7 +11,16 @@ import numpy as np
 import pyarrow as pa
 
 from catalog_tagger.ann_search import AnnIndex, open_index
-from catalog_tagger.embeddings import labels_of, latest_rows, matrix_of, normalise, task_columns
+from catalog_tagger.embeddings import (
+    EXACT_MAX_ROWS,
+    labels_of,
+    latest_rows,
+    live_count,
+    matrix_of,
+    normalise,
+    task_columns,
+    too_many_for_exact,
+)
 from catalog_tagger.errors import UserError
 from catalog_tagger.query import Catalog, open_catalog, run_sql
 from catalog_tagger.schema import STATUS_OK
@@ -50,11 +59,13 @@ def similar(
     *,
     model: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    exact_max: int = EXACT_MAX_ROWS,
 ) -> list[dict[str, Any]]:
     """The ``k`` images of ``latest`` nearest to ``uri`` (a tagged image) or ``image`` (any image file).
 
-    Cosine similarity of the embeddings, brute force in numpy: the whole embedding matrix of the searched model
-    version is loaded (rows x dim x 4 bytes: about 2.3 GB for 10^6 rows of 576 floats). Only rows of one model
+    Cosine similarity of the embeddings. Without an index, brute force in numpy over the whole embedding matrix of
+    the searched model version (rows x dim x 4 bytes), so it is refused above ``exact_max`` rows with the command
+    that builds the index (10^6 rows of 576 floats would be 2.3 GB). Only rows of one model
     version are compared (embeddings of different models are not comparable): the query row's version for
     ``uri``, the latest run's for ``image``. For ``uri`` the image itself comes first with similarity 1.0.
     With an index of that version (``catalog-tagger index``) the search is approximate (exact for a "Flat" one)
@@ -87,6 +98,8 @@ def similar(
         index = open_index(output, storage_options, version, catalog=cat)
         if index is not None:
             return _via_index(cat, index, uri, query_vec, k, labels)
+        if (n := live_count(cat, version)) > exact_max:
+            raise too_many_for_exact(cat, version, n)
         rows = latest_rows(cat, version, labels)
         if rows.num_rows == 0 or (uri is not None and uri not in rows.column("uri").to_pylist()):
             raise UserError(f"the history of {output} has no embedding for the latest rows of model {version}")

@@ -57,6 +57,9 @@ def _same_top(a: list[dict], b: list[dict]) -> None:
 def test_flat_index_matches_brute_force_and_cli(tagged):
     exact = [similar(tagged.out, uri=u, k=5) for u in tagged.kit["images"][:4]]
     assert all(r["method"] == "exact" for res in exact for r in res)
+    # above the exact limit (lowered here) and without an index: refused with the command that builds one
+    with pytest.raises(UserError, match=rf"the {N:,} rows of model .* run `catalog-tagger index --output"):
+        similar(tagged.out, uri=tagged.kit["images"][0], k=5, exact_max=N - 1)
     r = _cli("index", "--output", tagged.out)
     assert r.returncode == 0, r.stderr
     assert f"indexed {N} vector(s)" in r.stdout and "Flat" in r.stdout
@@ -65,7 +68,7 @@ def test_flat_index_matches_brute_force_and_cli(tagged):
     assert record["kind"] == "Flat" and record["count"] == N and record["metric"] == "cosine"
     assert (root / record["files"]["index"]).exists() and all((root / f).exists() for f in record["files"]["ids"])
     for u, want in zip(tagged.kit["images"][:4], exact, strict=True):
-        got = similar(tagged.out, uri=u, k=5)
+        got = similar(tagged.out, uri=u, k=5, exact_max=N - 1)  # the index serves any size
         assert got[0]["uri"] == u and got[0]["similarity"] == 1.0
         assert all(g["method"] == "index" for g in got)
         _same_top(got, want)
