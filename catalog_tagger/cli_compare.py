@@ -20,6 +20,7 @@ from rich.table import Table
 from catalog_tagger.errors import UserError
 from catalog_tagger.figures import count, num, percent
 from catalog_tagger.render import print_tsv
+from catalog_tagger.storage import redact
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -210,6 +211,12 @@ def _run(models: list[str], source: str | None, **kw: Any) -> dict[str, Any]:
                         batch_size=kw["batch_size"], device=kw["device"])  # fmt: skip
     recorded = read_recorded(kw["output"]) if kw["output"] is not None else None  # a bad output fails before work
     m = measure(cfg)
+    if m.sample["compared"] == 0:
+        s = m.sample
+        raise UserError(
+            f"nothing to compare: {s['listed_rows']:,} image(s) listed under {redact(source)}, {s['sampled']:,} "
+            f"sampled, {s['errors']:,} unreadable or undecodable, {s['non_finite']:,} with a non-finite output"
+        )
     cost = estimate(recorded, m.timing, version_a=m.a["version"], version_b=m.b["version"],
                     price_per_hour=kw["price_per_hour"])  # fmt: skip
     doc = comparison_json(m, source, cost)

@@ -337,6 +337,14 @@ def test_one_line_errors_exit_2(pair, tiny_model_factory, tmp_path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     r = _cli("--model", pair["a"], "--source", pair["source"])
     assert r.returncode == 2 and "--model twice" in r.stderr
+    junk = tmp_path / "junk"  # every sampled image unreadable: nothing to compare is an error, not empty figures
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    (junk / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    r = _cli("--model", pair["a"], "--model", pair["b"], "--source", str(junk))
+    last = r.stderr.strip().splitlines()[-1]  # after the sampling's progress line: one error line
+    assert r.returncode == 2 and "nothing to compare: 2 image(s) listed" in last and "2 unreadable" in last
+    assert last.startswith("error:") and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
