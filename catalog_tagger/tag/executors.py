@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 import warnings
 from collections import deque
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from catalog_tagger.errors import UserError
 from catalog_tagger.fetch import ReadLimits
 from catalog_tagger.storage import filesystem, is_local, strip
 from catalog_tagger.tag.config import TagJobConfig
@@ -71,6 +73,7 @@ class Stages:
     run_id: str
     tagged_at: datetime  # every row of the run carries it
     image_size: int  # the model's input size: the decode stage resizes to it
+    model_version: str | None = None  # the version the run validated: a Predictor refuses another (tag/predictor.py)
     credentials: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # sources.Listing's
 
     def decode(self, plan: dict[str, Any]) -> DecodeStage:
@@ -96,6 +99,7 @@ class Stages:
             "device": device,
             "threads": threads,
             "faults": faults,
+            "model_version": self.model_version,
         }
 
 
@@ -135,7 +139,26 @@ def execute(
         if started:
             shutdown_ray()
         raise
+    except Exception as err:
+        if (found := user_error_in(err)) is None:
+            raise
+        raise found from err
     return {**resources, "ray_init_s": round(ray_init_s, 3), "first_batch_s": _since(t0, first)}, totals
+
+
+_RAISED = re.compile(r"catalog_tagger\.errors\.(\w+): ([^\n]+)")
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The user error a Predictor raised where Ray runs it (e.g. a model artifact replaced mid-run), rebuilt from
+    the text of Ray's ``ActorDiedError`` / ``RayTaskError``: one clear line instead of a remote traceback."""
+    from catalog_tagger import errors
+
+    for name, message in reversed(_RAISED.findall(str(err))):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, UserError):
+            return cls(message.strip())
+    return None
 
 
 def _since(t0: float, t: float | None) -> float | None:

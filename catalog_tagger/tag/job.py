@@ -124,7 +124,7 @@ def run(cfg: TagJobConfig, *, progress: ProgressFn | None = None) -> RunResult:
     file_schema = delta.file_schema(schema).with_metadata(model_meta)
     part_writer = PartWriter(cfg.output, run_id, planned.state["run_date"], cfg.storage_options, file_schema)
     t_pipe = time.perf_counter()
-    stages = Stages(cfg, run_id, planned.tagged_at, card.image_size, credentials=planned.listing.credentials)
+    stages = Stages(cfg, run_id, planned.tagged_at, card.image_size, card.version, planned.listing.credentials)
     with commit.output_errors(run_id, cfg.output):
         resources, totals = execute(stages, planned.work, part_writer, progress)
     attempt = _Attempt(t_start, time.perf_counter() - t_pipe, totals, resources)

@@ -67,6 +67,20 @@ class FaultInjection:
         os._exit(13)
 
 
+def check_same_model(model_uri: str, expected: str | None, found: str) -> None:
+    """Refuse an artifact that changed since the run validated it (a model promoted into the nightly's ``current``
+    folder mid-run, then a Predictor started or restarted): one run's rows never mix two models."""
+    if expected is not None and found != expected:
+        from catalog_tagger.errors import ArtifactError
+        from catalog_tagger.storage import redact
+
+        raise ArtifactError(
+            f"model {redact(model_uri)} changed during the run: the run started with version {expected}, the "
+            f"artifact is now {found} (promoted meanwhile?); rows of two models would mix. Its written files are "
+            "kept; start a new run (without --run-id) to tag with the new model"
+        )
+
+
 class Predictor:
     """Ray Data actor (or one instance in the local executor): loads the model once, maps decoded batches to
     output rows in the final schema, plus the per-row seconds the writer sums for the savings report (the
@@ -81,6 +95,7 @@ class Predictor:
         device: str = "auto",
         threads: int | None = None,
         faults: FaultInjection | None = None,
+        model_version: str | None = None,
     ) -> None:
         import torch
 
@@ -91,6 +106,7 @@ class Predictor:
             torch.set_num_threads(threads)
         self.device = select_device(device)
         model, self.card = load_artifact(model_uri, map_location="cpu")
+        check_same_model(model_uri, model_version, self.card.version)
         self.model = prepare_for_inference(model, self.device)
         self.tasks = self.card.task_config()
         self.schema = output_schema(self.tasks, self.card.embedding_dim)

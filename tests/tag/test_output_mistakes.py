@@ -306,3 +306,59 @@ def test_unreachable_s3_endpoint_is_one_line_and_exit_75(kit, tmp_path):
     assert "EndpointConnectionError" in lines[0] and "transient" in lines[0]
     verbose = subprocess.run([*CLI, "-v", *cmd], env=env, capture_output=True, text=True, timeout=100)
     assert verbose.returncode == 75 and "Traceback" in verbose.stderr
+
+
+# --------------------------------------------------------------------------------------------- a model promoted mid-run
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_model_replaced_mid_run_is_refused_not_mixed(executor, catalog_kit, tmp_path, monkeypatch, request) -> None:
+    """A promotion copies a new model into the folder a nightly run reads. A Predictor started after the run
+    validated the artifact loads the new weights: it refuses them, so one run's rows never carry two models. On
+    Ray the refusal comes back from the actor as the same one-line error, not a remote traceback."""
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
+    import shutil
+
+    import torch
+
+    from catalog_tagger.config import load_tasks
+    from catalog_tagger.errors import ArtifactError
+    from catalog_tagger.model.artifact import card_for, load_card, save_artifact
+    from catalog_tagger.model.multihead import build_model
+    from catalog_tagger.tag import job
+
+    kit = catalog_kit(images=4, name=f"promoted-mid-run-{executor}", min_size=64, max_size=80)
+    current = tmp_path / "current"
+    shutil.copytree(kit["model"], current)
+    before = load_card(str(current)).version
+    torch.manual_seed(7)
+    other = build_model(backbone="tiny_cnn", tasks=load_tasks(kit["tasks"]))
+
+    def promote_then_execute(*args, **kwargs):  # the promotion lands between validation and the predictor's load
+        save_artifact(other, card_for(other, image_size=32), current)
+        return real_execute(*args, **kwargs)
+
+    real_execute = job.execute
+    monkeypatch.setattr(job, "execute", promote_then_execute)
+    out = tmp_path / "out"
+    cfg = TagJobConfig(model=str(current), source=kit["source"], output=str(out), executor=executor, calibrate=False)
+    with pytest.raises(ArtifactError, match=rf"changed during the run: the run started with version {before}"):
+        run(cfg)
+    assert load_card(str(current)).version != before
+    assert committed_rows(out).num_rows == 0  # nothing of the run is visible to any reader
+
+
+def test_user_errors_come_back_from_ray_actors_as_themselves() -> None:
+    from catalog_tagger.errors import ArtifactError
+    from catalog_tagger.tag.executors import user_error_in
+
+    text = (
+        "The actor died because of an error raised in its creation task\n  File x, line 3\n"
+        "catalog_tagger.errors.ArtifactError: model m changed during the run: the run started with version a\n"
+    )
+    err = user_error_in(RuntimeError(text))
+    assert (
+        isinstance(err, ArtifactError) and str(err) == "model m changed during the run: the run started with version a"
+    )
+    assert user_error_in(RuntimeError("catalog_tagger.errors.OutputWriteError: x")) is not None  # a UserError too
+    assert user_error_in(RuntimeError("ValueError: boom")) is None  # anything else stays Ray's own error
+    assert user_error_in(RuntimeError("catalog_tagger.errors.NoSuchThing: x")) is None
