@@ -222,3 +222,34 @@ def test_params_of_old_records():
     """A record written with parameters that no longer exist still opens with today's defaults for the rest."""
     params = ann.params_of({"params": {"flat_max": 10, "pq_m": 64, "pq_bits": 6, "nprobe": 64}})
     assert params == ann.IndexParams(flat_max=10, nprobe=64)
+
+
+@pytest.mark.integration
+def test_index_on_s3_builds_searches_and_refreshes(catalog_kit, s3_bucket):
+    """The index lives beside an s3:// output (moto server): built, searched and refreshed through s3fs with the
+    job's storage options; a second run's images are found after the refresh."""
+    import s3fs
+
+    bucket, opts = s3_bucket
+    kit = catalog_kit(images=N, name="ann-s3")
+    output = f"s3://{bucket}/tags"
+    cfg = TagJobConfig(model=kit["model"], source=kit["source"], output=output, batch_size=8, executor="local",
+                       calibrate=False, storage_options=opts)  # fmt: skip
+    run(cfg)
+    record = ann.build(output, opts)
+    version = record["model_version"]
+    fs = s3fs.S3FileSystem(**opts)
+    assert fs.exists(f"{bucket}/tags/index/{version}/{ann.RECORD}") and record["count"] == N
+    got = similar(output, uri=kit["images"][0], k=3, storage_options=opts, exact_max=N - 1)
+    assert got[0]["uri"] == kit["images"][0] and all(g["method"] == "index" for g in got)
+    generate(SynthConfig(out=str(Path(kit["root"]) / "cat"), images=3, seed=0, start=N, min_size=300,
+                         max_size=400))  # fmt: skip
+    second = run(cfg)
+    new = query(output, f"SELECT uri FROM latest WHERE run_id = '{second.run_id}'", storage_options=opts)
+    assert new.num_rows == 3
+    refreshed = ann.refresh(output, opts)
+    assert refreshed is not None and refreshed["count"] == N + 3
+    uri = new["uri"][0].as_py()
+    got = similar(output, uri=uri, k=2, storage_options=opts, exact_max=N - 1)
+    assert got[0]["uri"] == uri and got[0]["method"] == "index"
+    assert opts["secret"] not in json.dumps(refreshed)  # the version record never carries credentials
